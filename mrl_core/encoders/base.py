@@ -1,0 +1,122 @@
+"""The Encoder protocol and the helpers every encoder shares: input checks, device choice,
+fingerprints and batching by a token (or pixel) budget rather than by a row count."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from mrl_core.nesting import NestingSpec
+
+Features = dict[str, np.ndarray]
+"""What ``preprocess`` returns: plain numpy arrays, cheap to ship between Ray tasks."""
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A model that maps inputs to float32 embeddings whose nested prefixes are meaningful.
+
+    ``preprocess`` is the CPU half (tokenise, decode images) and ``embed_features`` the device
+    half, so a pipeline can run them in different processes; ``encode`` does both.
+    """
+
+    name: str
+    dim: int
+    nesting: NestingSpec
+    modality: str  # "text" or "image"
+    fingerprint: str
+
+    def preprocess(self, inputs: Sequence[Any]) -> Features:
+        """CPU work for one batch of inputs: validate, tokenise or decode."""
+        ...
+
+    def embed_features(self, features: Features) -> np.ndarray:
+        """Device work: the float32 [N, dim] embeddings of a preprocessed batch."""
+        ...
+
+    def encode(self, inputs: Sequence[Any]) -> np.ndarray:
+        """float32 [N, dim] embeddings of ``inputs``, batched by total tokens (or pixels)."""
+        ...
+
+
+def check_texts(texts: Sequence[Any]) -> list[str]:
+    """The inputs as a list of str; raise naming the first input that is None or not a str."""
+    if isinstance(texts, str):
+        raise TypeError("encode() takes a list of texts, not a single str; wrap it: [text]")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("encode() got an empty input list")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            kind = "None" if t is None else type(t).__name__
+            raise TypeError(f"input {i} is {kind}, expected str")
+    return texts
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as given, else the first CUDA GPU when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fingerprint_of(*parts: bytes | str | np.ndarray | torch.Tensor) -> str:
+    """A stable 16-hex-digit hash of weights and config, in the order given."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            part = part.detach().cpu().contiguous().view(torch.uint8).numpy()
+        if isinstance(part, np.ndarray):
+            h.update(str((part.dtype, part.shape)).encode())
+            part = np.ascontiguousarray(part).view(np.uint8).tobytes()
+        elif isinstance(part, str):
+            part = part.encode()
+        h.update(part)
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def budget_batches(
+    costs: Sequence[int] | np.ndarray, budget: int, sort: bool = False, padded: bool = False
+) -> Iterator[np.ndarray]:
+    """Split row indices into batches whose total cost (tokens, pixels) stays within ``budget``.
+
+    ``padded=True`` counts a batch as ``len(batch) * max(cost)``, as a padded transformer batch
+    costs; ``sort=True`` orders rows by cost first so padding is small. A row costlier than the
+    budget forms a batch on its own.
+    """
+    costs = np.asarray(costs, dtype=np.int64)
+    order = np.argsort(costs, kind="stable") if sort else np.arange(len(costs))
+    start, total, widest = 0, 0, 0
+    for pos, idx in enumerate(order):
+        c = max(int(costs[idx]), 1)
+        new_total = (pos - start + 1) * max(widest, c) if padded else total + c
+        if pos > start and new_total > budget:
+            yield order[start:pos]
+            start, total, widest = pos, 0, 0
+            new_total = c
+        total, widest = new_total, max(widest, c)
+    if start < len(order):
+        yield order[start:]
+
+
+
+def ragged_features(token_ids: Sequence[Sequence[int]]) -> Features:
+    """Token id lists as flat ``ids`` plus per-row ``lengths`` (no padding, Ray-friendly)."""
+    lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    ids = np.fromiter((i for t in token_ids for i in t), dtype=np.int64, count=int(lengths.sum()))
+    return {"ids": ids, "lengths": lengths}
+
+
+class TextEncoderBase:
+    """``encode`` for text encoders: check the inputs, preprocess, embed."""
+
+    modality = "text"
+
+    def encode(self, inputs: Sequence[Any]) -> np.ndarray:
+        """float32 [N, dim] embeddings of a list of texts."""
+        return self.embed_features(self.preprocess(inputs))
