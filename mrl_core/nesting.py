@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar, Union
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
-ArrayLike = Union[np.ndarray, torch.Tensor]
 
 
 def default_dims(full_dim: int, start: int = 8) -> tuple[int, ...]:

@@ -4,11 +4,14 @@ fingerprints and batching by a token (or pixel) budget rather than by a row coun
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from mrl_core.nesting import NestingSpec
 
@@ -107,15 +110,39 @@ def budget_batches(
 
 def ragged_features(token_ids: Sequence[Sequence[int]]) -> Features:
     """Token id lists as flat ``ids`` plus per-row ``lengths`` (no padding, Ray-friendly)."""
-    lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
-    ids = np.fromiter((i for t in token_ids for i in t), dtype=np.int64, count=int(lengths.sum()))
+    lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+    ids = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=int(lengths.sum()))
     return {"ids": ids, "lengths": lengths}
 
 
+@dataclass
+class Tokenize:
+    """The picklable CPU half of a text encoder: texts -> ragged token ids (all cores).
+
+    Pipelines ship this (``encoder.preprocessor``) to CPU tasks instead of the model weights.
+    """
+
+    tokenizer: Tokenizer
+    add_special_tokens: bool = False
+    prefix: str = ""
+
+    def __call__(self, inputs: Sequence[Any]) -> Features:
+        texts = check_texts(inputs)
+        if self.prefix:
+            texts = [self.prefix + t for t in texts]
+        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=self.add_special_tokens)
+        return ragged_features([e.ids for e in encodings])
+
+
 class TextEncoderBase:
-    """``encode`` for text encoders: check the inputs, preprocess, embed."""
+    """``preprocess`` and ``encode`` for text encoders that set ``self.preprocessor``."""
 
     modality = "text"
+    preprocessor: Tokenize
+
+    def preprocess(self, inputs: Sequence[Any]) -> Features:
+        """Tokenise a batch of texts (see ``Tokenize``)."""
+        return self.preprocessor(inputs)
 
     def encode(self, inputs: Sequence[Any]) -> np.ndarray:
         """float32 [N, dim] embeddings of a list of texts."""

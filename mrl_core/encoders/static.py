@@ -20,14 +20,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from mrl_core.encoders.base import (
-    Features,
-    TextEncoderBase,
-    check_texts,
-    fingerprint_of,
-    pick_device,
-    ragged_features,
-)
+from mrl_core.encoders.base import Features, TextEncoderBase, Tokenize, fingerprint_of, pick_device
 from mrl_core.nesting import NestingSpec
 
 WORDLLAMA_TRAINED_DIMS = (64, 128, 256)
@@ -75,13 +68,7 @@ class StaticEncoder(TextEncoderBase):
         self.table = torch.from_numpy(np.ascontiguousarray(table)).to(self.device, self.dtype)
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_tokens_per_text)
-        self.tokenizer = tokenizer
-
-    def preprocess(self, inputs: Sequence[Any]) -> Features:
-        """Tokenise (all CPU cores, via HF tokenizers) into flat ids + per-text lengths."""
-        texts = check_texts(inputs)
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        return ragged_features([e.ids for e in encodings])
+        self.preprocessor = Tokenize(tokenizer, add_special_tokens=False)
 
     @torch.inference_mode()
     def embed_features(self, features: Features) -> np.ndarray:
@@ -136,8 +123,13 @@ def load_static(
     )
 
 
-def load_wordllama(dim: int = 256, **kwargs: Any) -> StaticEncoder:
-    """WordLlama's Matryoshka table and tokenizer, read from the installed package's files."""
+def load_wordllama(
+    dim: int = 256, nesting: Sequence[int] | None = None, **kwargs: Any
+) -> StaticEncoder:
+    """WordLlama's Matryoshka table and tokenizer, read from the installed package's files.
+
+    ``nesting`` defaults to the prefixes the table was trained at (64, 128, 256).
+    """
     try:
         package = resources.files("wordllama")
     except ModuleNotFoundError as exc:
@@ -150,10 +142,11 @@ def load_wordllama(dim: int = 256, **kwargs: Any) -> StaticEncoder:
     if dim > table.shape[1]:
         raise ValueError(f"wordllama ships a {table.shape[1]}-dim table; {dim} dims requested")
     table = table[:, :dim]
-    trained = [d for d in WORDLLAMA_TRAINED_DIMS if d <= dim]
+    if nesting is None:
+        nesting = [d for d in WORDLLAMA_TRAINED_DIMS if d <= dim]
     return StaticEncoder(
         table, _read_tokenizer(Path(str(tokenizer_file))), name=f"wordllama-{dim}",
-        nesting=trained, **kwargs,
+        nesting=nesting, **kwargs,
     )
 
 

@@ -1,0 +1,407 @@
+"""Embed sharded data into a multi-resolution Lance dataset with an MRL encoder on Ray.
+
+    python pipelines/embed.py                      # the built-in demo corpus, local Ray
+    python pipelines/embed.py --input 's3://bucket/corpus/*.parquet' --output s3://bucket/emb.lance \\
+        --encoder hf:/models/x --text-column text --keep url,title --dims 16,64,256,768
+
+Resumable and exactly-once: committed shards are recorded in the dataset and skipped on a
+re-run; a crash loses at most the work since the last commit and never duplicates a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lance
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from mrl_core.encoders import DEFAULT_ENCODER, get_encoder
+from mrl_core.ledger import CommitLog, clear_uncommitted
+from mrl_core.nesting import NestingSpec
+from mrl_core.objectstore import redact
+from mrl_core.progress import Progress
+from mrl_core.sources import DEFAULT_MAX_RECORD_BYTES, Shard, list_shards
+from mrl_core.storage import (
+    INFO_KEY,
+    DatasetInfo,
+    make_schema,
+    read_info,
+    read_ledger,
+    try_open,
+)
+from pipelines.embed_plan import Encode, PlanConfig, preprocess, read_shards, write_fragments
+
+DEFAULT_DATA_DIR = Path("data")
+
+
+@dataclass
+class EmbedSummary:
+    """What a run did; printed at the end and returned to callers."""
+
+    output: str
+    shards_total: int = 0
+    shards_skipped_committed: int = 0
+    shards_done: int = 0
+    shards_failed: dict[str, str] = field(default_factory=dict)
+    rows_written: int = 0
+    records_skipped: int = 0
+    skipped_examples: list[tuple[str, int, str]] = field(default_factory=list)
+    rows_deleted_uncommitted: int = 0
+    duplicate_outputs_dropped: int = 0
+    commits: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    encode_actors: int = 0
+    gpus: float = 0.0
+
+    def print(self, file: Any = sys.stdout) -> None:
+        """Human-readable summary."""
+        rate = self.rows_written / self.seconds if self.seconds else 0.0
+        lines = [
+            f"embedded {self.rows_written:,} rows from {self.shards_done} shard(s) in {self.seconds:.1f}s "
+            f"({rate:,.0f} rows/s) into {self.output}",
+            f"  shards: {self.shards_total} found, {self.shards_skipped_committed} already committed, "
+            f"{self.shards_done} done, {len(self.shards_failed)} failed; {self.commits} commit(s)",
+            f"  records skipped: {self.records_skipped:,}",
+        ]
+        if self.stage_seconds:
+            stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
+            lines.append(f"  stage time (summed over workers): {stages}")
+        if self.gpus:
+            lines.append(f"  {self.encode_actors} encoder actor(s) on {self.gpus:g} GPU(s)")
+        for shard, pos, reason in self.skipped_examples[:20]:
+            lines.append(f"  skipped {shard} row {pos}: {reason}")
+        if self.records_skipped > 20:
+            lines.append(f"  ... and {self.records_skipped - 20} more (see dataset config 'mrl.skipped')")
+        for shard, reason in self.shards_failed.items():
+            lines.append(f"  FAILED {reason}" if shard in reason else f"  FAILED {shard}: {reason}")
+        if self.rows_deleted_uncommitted:
+            lines.append(f"  removed {self.rows_deleted_uncommitted} rows left by an interrupted run")
+        print("\n".join(lines), file=file)
+
+
+@dataclass
+class EmbedConfig:
+    """Options of one embed run (the CLI's flags)."""
+
+    input: str
+    output: str
+    encoder: str = DEFAULT_ENCODER
+    dims: Sequence[int] | None = None
+    dtype: str = "float16"
+    text_column: str = "text"
+    keep: Sequence[str] = ()
+    id_column: str | None = None
+    format: str | None = None
+    storage_options: dict[str, str] = field(default_factory=dict)
+    input_storage_options: dict[str, str] | None = None
+    commit_every: int = 8
+    on_error: str = "fail"
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    batch_rows: int = 4096
+    max_shards: int | None = None
+    progress: bool = True
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _dataset_info(cfg: EmbedConfig) -> tuple[DatasetInfo, Any]:
+    encoder = get_encoder(cfg.encoder, device="cpu", **cfg.encoder_kwargs)
+    dims = NestingSpec.for_model(encoder.dim, cfg.dims).dims if cfg.dims else encoder.nesting.dims
+    info = DatasetInfo(
+        encoder=cfg.encoder, fingerprint=encoder.fingerprint, full_dim=encoder.dim, dims=tuple(dims),
+        trained_dims=tuple(encoder.nesting.dims), dtype=cfg.dtype, modality=encoder.modality,
+    )
+    return info, encoder
+
+
+def _passthrough_fields(shard: Shard, cfg: EmbedConfig) -> list[pa.Field]:
+    """Types of the kept columns, read off the first shard (strings for JSONL/text/tar)."""
+    if not cfg.keep:
+        return []
+    if shard.format == "parquet":
+        from mrl_core.objectstore import filesystem
+
+        with filesystem(shard.uri, cfg.input_storage_options).open(shard.uri, "rb") as f:
+            schema = pq.read_schema(f)
+        missing = [k for k in cfg.keep if k not in schema.names]
+        if missing:
+            raise ValueError(f"shard {shard.uri}: no column {missing[0]!r} to keep (columns: {', '.join(schema.names)})")
+        return [schema.field(k) for k in cfg.keep]
+    return [pa.field(k, pa.string()) for k in cfg.keep]
+
+
+def open_or_create(cfg: EmbedConfig, info: DatasetInfo, schema: pa.Schema) -> lance.LanceDataset:
+    """The output dataset, created empty with ``info`` when new; refuses another encoder."""
+    ds = try_open(cfg.output, cfg.storage_options)
+    if ds is None:
+        empty = pa.Table.from_pylist([], schema=schema)
+        ds = lance.write_dataset(empty, cfg.output, schema=schema, storage_options=cfg.storage_options)
+        ds.update_config({INFO_KEY: info.to_json()})
+        return ds
+    read_info(ds).check_compatible(info, cfg.output)
+    missing = [n for n in schema.names if n not in ds.schema.names]
+    if missing:
+        raise ValueError(f"dataset {cfg.output} has no column(s) {missing}; keep the same --keep columns")
+    return ds
+
+
+def _resources(cfg: EmbedConfig) -> tuple[int, float]:
+    """(encoder actors, GPUs per actor): one actor per GPU by default, CPU actors without GPUs."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+    if cfg.actors:
+        return cfg.actors, per_actor
+    if per_actor:
+        return max(1, int(gpus / per_actor)), per_actor
+    return 1, 0.0
+
+
+def run_embed(cfg: EmbedConfig) -> EmbedSummary:
+    """Embed every shard under ``cfg.input`` not yet committed to ``cfg.output``."""
+    if cfg.on_error not in ("fail", "skip"):
+        raise ValueError(f"--on-error must be 'fail' or 'skip', got {cfg.on_error!r}")
+    if cfg.dtype not in ("float16", "float32"):
+        raise ValueError(f"--dtype must be float16 or float32, got {cfg.dtype!r}")
+    if cfg.commit_every < 1:
+        raise ValueError(f"--commit-every must be >= 1, got {cfg.commit_every}")
+    start = time.perf_counter()
+    summary = EmbedSummary(output=cfg.output)
+    in_opts = cfg.input_storage_options if cfg.input_storage_options is not None else cfg.storage_options
+    cfg.input_storage_options = in_opts
+    shards = list_shards(cfg.input, in_opts, cfg.format)
+    summary.shards_total = len(shards)
+    info, encoder = _dataset_info(cfg)
+    schema = make_schema(info.dims, cfg.dtype, _passthrough_fields(shards[0], cfg))
+    ds = open_or_create(cfg, info, schema)
+    ledger = read_ledger(ds)
+    todo = [s for s in shards if s.uri not in ledger]
+    if cfg.max_shards is not None:
+        todo = todo[: cfg.max_shards]
+    summary.shards_skipped_committed = len(shards) - len([s for s in shards if s.uri not in ledger])
+    summary.rows_deleted_uncommitted = clear_uncommitted(ds, [s.uri for s in todo])
+    if not todo:
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, include_dashboard=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    actors, gpus_per_actor = _resources(cfg)
+    summary.encode_actors, summary.gpus = actors, actors * gpus_per_actor
+    plan_cfg = PlanConfig(
+        output=cfg.output, encoder=cfg.encoder, dims=info.dims, dtype=cfg.dtype,
+        input_column=cfg.text_column, keep=tuple(cfg.keep), id_column=cfg.id_column,
+        modality=info.modality, max_record_bytes=cfg.max_record_bytes, on_error=cfg.on_error,
+        storage_options=tuple(cfg.storage_options.items()), input_storage_options=tuple(in_opts.items()),
+        encoder_kwargs=tuple(cfg.encoder_kwargs.items()),
+    )
+    preprocessor = getattr(encoder, "preprocessor", None)
+    pre_ref = ray.put(preprocessor) if preprocessor is not None else None
+    log = CommitLog(cfg.output, cfg.storage_options or None)
+    progress = Progress(total_shards=len(todo), enabled=cfg.progress)
+    plan = (
+        ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
+        .map_batches(read_shards, fn_kwargs={"cfg": plan_cfg}, batch_size=1, batch_format="pyarrow")
+        .map_batches(preprocess, fn_kwargs={"cfg": plan_cfg, "preprocessor": pre_ref},
+                     batch_size=cfg.batch_rows, batch_format="pyarrow")
+        .map_batches(Encode, fn_constructor_kwargs={"cfg": plan_cfg}, batch_size=cfg.batch_rows,
+                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+                     num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else 1)
+        .map_batches(write_fragments, fn_kwargs={"cfg": plan_cfg, "schema": schema},
+                     batch_size=cfg.batch_rows, batch_format="pyarrow")
+    )
+    stage_seconds = {"read": 0.0, "preprocess": 0.0, "encode": 0.0, "write": 0.0}
+    try:
+        for row in plan.iter_rows():
+            report = json.loads(row["report"])
+            if not log.accept(report):
+                continue
+            for key, stage in (("_t_read", "read"), ("_t_pre", "preprocess"), ("_t_enc", "encode"),
+                               ("_t_write", "write")):
+                stage_seconds[stage] += row[key]
+            _collect(report, summary)
+            progress.update(rows=int(row["rows"]), shards_done=len(_done(log)))
+            if log.completed_count >= cfg.commit_every:
+                log.commit()
+        log.commit()
+    except Exception as exc:  # noqa: BLE001 — report the shard the worker named, keep commits
+        _commit_complete_only(log)
+        raise EmbedError(_root_message(exc)) from exc
+    finally:
+        progress.close()
+        summary.seconds = time.perf_counter() - start
+        summary.stage_seconds = stage_seconds
+        summary.rows_written = log.rows_committed
+        summary.commits = log.commits
+        summary.duplicate_outputs_dropped = log.duplicates_dropped
+        summary.shards_done = sum(1 for p in log.shards.values() if p.done and p.error is None)
+        summary.shards_failed.update({u: p.error for u, p in log.shards.items() if p.error})
+    _record_skips(cfg, summary)
+    return summary
+
+
+class EmbedError(RuntimeError):
+    """The job stopped; the message names the shard (and row) at fault."""
+
+
+def _done(log: CommitLog) -> list[str]:
+    return [u for u, p in log.shards.items() if p.done]
+
+
+def _commit_complete_only(log: CommitLog) -> None:
+    """On failure, still commit what was fully written: every committed shard stays intact."""
+    with contextlib.suppress(Exception):  # the original error is the one worth raising
+        log.commit()
+
+
+def _root_message(exc: BaseException) -> str:
+    """The innermost message of a Ray task error (it names the shard)."""
+    text = str(exc)
+    for marker in ("ShardError: ", "ValueError: ", "RuntimeError: "):
+        if marker in text:
+            return text.split(marker)[-1].strip().splitlines()[0]
+    return text.strip().splitlines()[-1] if text.strip() else repr(exc)
+
+
+def _collect(report: dict, summary: EmbedSummary) -> None:
+    for uri, entry in report["shards"].items():
+        for pos, reason in entry.get("skipped", []):
+            summary.records_skipped += 1
+            if len(summary.skipped_examples) < 1000:
+                summary.skipped_examples.append((uri, int(pos), reason))
+
+
+def _record_skips(cfg: EmbedConfig, summary: EmbedSummary) -> None:
+    """Keep the skipped records and failed shards of this run in the dataset's config."""
+    if not summary.skipped_examples and not summary.shards_failed:
+        return
+    ds = lance.dataset(cfg.output, storage_options=cfg.storage_options)
+    payload = {
+        "at": time.time(),
+        "records_skipped": summary.records_skipped,
+        "examples": summary.skipped_examples[:1000],
+        "failed_shards": summary.shards_failed,
+    }
+    ds.update_config({"mrl.skipped": json.dumps(payload)})
+
+
+def default_corpus(data_dir: Path = DEFAULT_DATA_DIR) -> str:
+    """Gather this machine's docstrings as Parquet shards (once) and return their folder."""
+    from mrl_core.local_corpus import gather
+
+    out = data_dir / "docstrings"
+    print(f"gathering the docstrings of this machine's Python packages into {out} ...", flush=True)
+    shards = gather(out)
+    print(f"  {len(shards)} shard(s): {(out / '_SUCCESS').read_text().strip()}", flush=True)
+    return str(out)
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Storage options use Lance's names (aws_endpoint, aws_region, aws_access_key_id, "
+        "allow_http, ...) and also configure fsspec for reading the input; credentials may "
+        "also come from the environment (AWS_*), which is preferred.",
+    )
+    p.add_argument("--input", help="fsspec URL, directory or glob of input shards (one file = one shard); "
+                   "omitted: a corpus of this machine's Python docstrings")
+    p.add_argument("--output", help="Lance dataset URI to create or append to "
+                   f"(default with no --input: {DEFAULT_DATA_DIR}/docstrings.lance)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER,
+                   help="encoder spec: wordllama-256, static:/dir, hf:/dir, mrl-resnet50:/ckpt.pt, adaptor:/dir")
+    p.add_argument("--dims", help="comma-separated dims to store as emb_<d> columns (default: the "
+                   "encoder's trained nesting dims; the full dim is always stored)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored vector type")
+    p.add_argument("--text-column", default="text",
+                   help="column (Parquet/JSONL) or WebDataset extension holding the text or image bytes")
+    p.add_argument("--keep", default="", help="comma-separated columns copied into the dataset")
+    p.add_argument("--id-column", help="use this int64 column as the row id instead of one derived "
+                   "from the shard URI and row position")
+    p.add_argument("--format", choices=["parquet", "jsonl", "text", "wds"],
+                   help="input format (default: from each file's extension)")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="object-store option for input and output (repeatable)")
+    p.add_argument("--input-storage-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="object-store option for the input only, if it differs (repeatable)")
+    p.add_argument("--commit-every", type=int, default=8, help="commit after this many completed shards")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="an unreadable shard stops the job (fail) or is reported and left out (skip); "
+                   "bad records are always skipped and counted")
+    p.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES,
+                   help="records larger than this are skipped and reported")
+    p.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, or 1 on CPU)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder actor, fractional allowed (default 1 when GPUs exist)")
+    p.add_argument("--batch-rows", type=int, default=4096,
+                   help="rows per Ray batch; device calls inside are sized by tokens/pixels")
+    p.add_argument("--max-shards", type=int, help="embed at most this many new shards in this run")
+    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
+    demo = args.input is None
+    if demo:
+        args.input = default_corpus()
+        args.output = args.output or str(DEFAULT_DATA_DIR / "docstrings.lance")
+        args.keep = args.keep or "source,object"
+    if not args.output:
+        raise SystemExit("--output is required when --input is given")
+    options = parse_options(args.storage_option)
+    cfg = EmbedConfig(
+        input=args.input, output=args.output, encoder=args.encoder,
+        dims=[int(d) for d in args.dims.split(",")] if args.dims else None, dtype=args.dtype,
+        text_column=args.text_column, keep=[k for k in args.keep.split(",") if k],
+        id_column=args.id_column, format=args.format, storage_options=options,
+        input_storage_options=parse_options(args.input_storage_option) if args.input_storage_option else None,
+        commit_every=args.commit_every, on_error=args.on_error, max_record_bytes=args.max_record_bytes,
+        actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows,
+        max_shards=args.max_shards, progress=not args.no_progress,
+    )
+    if args.ray_address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=args.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=False)
+    print(f"embedding {cfg.input} -> {cfg.output} with {cfg.encoder}"
+          + (f" (storage options {redact(options)})" if options else ""), flush=True)
+    try:
+        summary = run_embed(cfg)
+    except (EmbedError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print("committed shards are intact; fix the input and re-run to resume.", file=sys.stderr)
+        return 1
+    summary.print()
+    print("\nsearch it:")
+    print(f"  python pipelines/index.py --dataset {cfg.output}")
+    print(f"  python pipelines/query.py \"how do I parse a date\" --dataset {cfg.output} --k 10")
+    return 0 if not summary.shards_failed else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
