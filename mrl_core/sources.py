@@ -219,12 +219,11 @@ def _jsonl(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Tabl
 
 
 def _text(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table, list]:
-    if keep:
-        raise ShardError(uri, f"plain-text shards have no columns to keep ({', '.join(keep)})")
+    """A record a line; kept columns are null (a text file has none)."""
     rows, skipped = [], []
     for pos, line in enumerate(_lines(data)):
         try:
-            rows.append({"_pos": pos, column: line.decode("utf-8")})
+            rows.append({"_pos": pos, column: line.decode("utf-8"), **dict.fromkeys(keep)})
         except UnicodeDecodeError as exc:
             skipped.append((pos, f"invalid UTF-8 at byte {exc.start}"))
     return _rows_to_table(rows, column, keep), skipped
