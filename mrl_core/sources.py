@@ -90,9 +90,10 @@ def list_shards(
         info = fs.info(path)
         if info.get("type") == "directory":
             continue
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        size = int(info.get("size") or 0)
+        tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
         uri = fs.unstrip_protocol(path) if "://" in url else path
-        shards.append(Shard(uri, int(info.get("size") or 0), str(version), format_of(path, fmt)))
+        shards.append(Shard(uri, size, f"{size}:{tag}", format_of(path, fmt)))
     if not shards:
         raise FileNotFoundError(f"no input shards found under {url}")
     return shards

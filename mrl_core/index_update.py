@@ -1,0 +1,163 @@
+"""Keep a published tier-0 index in step with its dataset without rebuilding it every time.
+
+``update_index`` loads the current index version, removes the ids of deleted rows, adds the
+rows of new shards, checks recall@k on a sample of the corpus's own rows against exact search,
+and publishes the result as a new version. It retrains from scratch (``build_index``) when
+there is no index yet, the encoder changed, the corpus grew past ``growth_factor`` times the
+rows the index was trained on, or the measured recall fell below ``min_recall``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import faiss
+import lance
+import numpy as np
+
+from mrl_core.index import (
+    IndexManifest,
+    IndexNotFoundError,
+    Log,
+    Tier0Index,
+    build_index,
+    calibration_data,
+    column_to_numpy,
+    default_index_uri,
+    list_versions,
+    load_index,
+    publish,
+    read_manifest,
+    rows_signature,
+)
+from mrl_core.storage import embedding_dims, open_dataset, read_info, sql_string_list
+
+TAG_PREFIX = "index-"
+
+
+@dataclasses.dataclass
+class IndexUpdate:
+    """What ``update_index`` did: ``action`` is "added", "retrained" or "built"."""
+
+    manifest: IndexManifest
+    action: str
+    reason: str
+    added: int = 0
+    removed: int = 0
+    recall: float | None = None
+
+
+def ids_of_shards(ds: lance.LanceDataset, shards: Sequence[str]) -> np.ndarray:
+    """The ids of every row of ``shards`` in this dataset version."""
+    if not shards:
+        return np.empty(0, dtype=np.int64)
+    table = ds.to_table(columns=["id"], filter=f"shard IN ({sql_string_list(shards)})")
+    return table["id"].to_numpy().astype(np.int64)
+
+
+def update_index(
+    dataset_uri: str,
+    *,
+    removed_ids: np.ndarray,
+    added_shards: Sequence[str],
+    index_uri: str | None = None,
+    storage_options: Mapping[str, str] | None = None,
+    growth_factor: float = 2.0,
+    min_recall: float = 0.98,
+    recall_queries: int = 500,
+    seed: int = 0,
+    log: Log | None = print,
+    **build_kwargs: Any,
+) -> IndexUpdate:
+    """Publish an index version for the dataset's latest version (see the module docstring)."""
+    log = log or (lambda _m: None)
+    index_uri = index_uri or default_index_uri(dataset_uri)
+    ds = open_dataset(dataset_uri, storage_options)
+    info = read_info(ds)
+    rows = ds.count_rows()
+
+    def rebuild(action: str, reason: str) -> IndexUpdate:
+        log(f"building a new tier-0 index: {reason}")
+        manifest = build_index(dataset_uri, index_uri=index_uri, storage_options=storage_options,
+                               log=log, seed=seed, **build_kwargs)
+        return IndexUpdate(manifest, action, reason, recall=manifest.schedule_recall)
+
+    try:
+        index, manifest = load_index(index_uri, None, storage_options)
+    except IndexNotFoundError:
+        return rebuild("built", "no index yet")
+    trained_rows = int(manifest.params.get("trained_at_rows", manifest.rows))
+    if manifest.encoder_fingerprint != info.fingerprint:
+        return rebuild("retrained", "the dataset's encoder changed")
+    if rows > growth_factor * trained_rows:
+        return rebuild("retrained", f"the corpus grew from {trained_rows:,} to {rows:,} rows "
+                                    f"(> {growth_factor:g}x since training)")
+
+    removed_ids = np.asarray(removed_ids, dtype=np.int64)
+    if len(removed_ids):
+        index.remove_ids(faiss.IDSelectorBatch(removed_ids))
+    added = 0
+    if added_shards:
+        table = ds.to_table(columns=["id", manifest.column],
+                            filter=f"shard IN ({sql_string_list(added_shards)})")
+        if table.num_rows:
+            vectors = np.ascontiguousarray(column_to_numpy(table[manifest.column], manifest.dim), dtype=np.float32)
+            index.add_with_ids(vectors, table["id"].to_numpy().astype(np.int64))
+            added = table.num_rows
+    if index.ntotal != rows:
+        return rebuild("retrained", f"the index would hold {index.ntotal:,} vectors for {rows:,} rows")
+
+    schedule = manifest.funnel_schedule()
+    dims = embedding_dims(ds.schema)
+    recall = None
+    if schedule is not None and schedule.dims[-1] == max(dims) and rows > manifest.calibration.get("k", 10):
+        cal, cal_rows = calibration_data(ds, dims, manifest.calibration.get("k", 10), recall_queries,
+                                         build_kwargs.get("calibration_rows", 2_000_000), seed)
+        probe = index
+        if cal_rows < rows:  # measured on a sample: search a tier 0 over the same sample
+            probe = faiss.deserialize_index(faiss.serialize_index(index))
+            probe.reset()
+            probe.add_with_ids(np.ascontiguousarray(cal.vectors[manifest.dim], dtype=np.float32), cal.ids)
+        recall = cal.recall(schedule, tier0=Tier0Index(probe, False).tier0(schedule.nprobe))
+        log(f"recall@{cal.k} of {schedule} after the update: {recall:.4f} (retrain below {min_recall})")
+        if recall < min_recall:
+            return rebuild("retrained", f"recall@{cal.k} fell to {recall:.4f} < {min_recall}")
+
+    started = time.time()
+    updated = dataclasses.replace(
+        manifest, version="", dataset_version=int(ds.version), rows_signature=rows_signature(ds),
+        rows=int(index.ntotal), schedule_recall=recall if recall is not None else manifest.schedule_recall,
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        params={**manifest.params, "trained_at_rows": trained_rows, "incremental_from": manifest.version,
+                "added": added, "removed": int(len(removed_ids))},
+    )
+    updated.build_seconds = round(time.time() - started, 2)
+    updated = publish(index_uri, index, updated, storage_options)
+    log(f"published {updated.version}: +{added:,} rows, -{len(removed_ids):,} rows, no retraining")
+    return IndexUpdate(updated, "added", "incremental", added, int(len(removed_ids)), recall)
+
+
+def sync_version_tags(dataset_uri: str, index_uri: str | None = None,
+                      storage_options: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Tag the dataset version each retained index version was built on (``index-vNNNNNN``) and
+    drop the tags of index versions that are gone, so version cleanup never removes a dataset
+    version that a published index still points at. Returns {tag: dataset version}."""
+    index_uri = index_uri or default_index_uri(dataset_uri)
+    ds = open_dataset(dataset_uri, storage_options)
+    wanted = {}
+    for version in list_versions(index_uri, storage_options):
+        try:
+            wanted[TAG_PREFIX + version] = read_manifest(index_uri, version, storage_options).dataset_version
+        except IndexNotFoundError:
+            continue  # a version directory still being written
+    existing = {name: meta["version"] for name, meta in ds.tags.list().items() if name.startswith(TAG_PREFIX)}
+    for name in existing.keys() - wanted.keys():
+        ds.tags.delete(name)
+    for name, version in wanted.items():
+        if name not in existing:
+            ds.tags.create(name, version)
+    return wanted
