@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,8 +27,7 @@ from mrl_core.storage import derive_ids, read_ledger
 from pipelines.reindex import ReindexConfig, main, run_reindex
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("vector search index matryoshka nested embedding lance ray shard encoder query funnel "
-         "prefix recall cosine tier rerank").split()
+WORDS = ["vector", "search", "index", "matryoshka", "nested", "embedding", "lance", "ray", "shard", "encoder", "query", "funnel", "prefix", "recall", "cosine", "tier", "rerank"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -164,20 +166,47 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """A real Ray head started with ``ray start --head`` on free ports, stopped afterwards."""
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
     port, dash = _free_port(), _free_port()
-    temp = tmp_path / "ray"
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    # every port free and explicit: another Ray on this machine (this module's own) holds the defaults
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
                     "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
-                    f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env,
+                    f"--temp-dir={temp}", "--disable-usage-stats", *ports], check=True, env=env,
                    capture_output=True, timeout=180)
     try:
         yield {"bin": ray_bin, "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_head(temp: str) -> None:
+    """Stop only this head's processes (`ray stop` would stop every Ray on the machine)."""
+
+    def pids() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and temp.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + 15
+        while pids() and time.time() < deadline:
+            time.sleep(0.2)
 
 
 def test_embed_and_reindex_submitted_as_ray_jobs(ray_head, tmp_path):
@@ -187,11 +216,15 @@ def test_embed_and_reindex_submitted_as_ray_jobs(ray_head, tmp_path):
     out = str(tmp_path / "emb.lance")
 
     def submit(*args: str) -> str:
-        proc = subprocess.run(
-            [ray_head["bin"], "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
-             "--", "python", *args],
-            env=ray_head["env"], capture_output=True, text=True, timeout=400,
-        )
+        for _attempt in range(30):  # the head's job agent comes up a few seconds after `ray start`
+            proc = subprocess.run(
+                [ray_head["bin"], "job", "submit", "--address", ray_head["dashboard"], "--working-dir",
+                 str(REPO), "--", "python", *args],
+                env=ray_head["env"], capture_output=True, text=True, timeout=400,
+            )
+            if "No available agent" not in proc.stderr:
+                break
+            time.sleep(2)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
 
