@@ -2,14 +2,25 @@
 
 Lance and s3fs name the same S3 settings differently; ``fsspec_options`` maps one to the other so
 that a single ``storage_options`` dict serves both the dataset and the files written beside it.
+
+Object-store calls are retried with exponential backoff and jitter (``retrying``) on transient
+errors (5xx, throttling, timeouts, dropped connections) beyond what botocore/s3fs retry on their
+own; a permanent error (not found, access denied) fails at once, and every error that escapes
+names the object. Lance retries its own requests (``client_max_retries``, default 10, within
+``client_retry_timeout``, default 180 s); the same keys, and ``timeout``/``connect_timeout``,
+configure s3fs here.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import re
+import shutil
+import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -29,7 +40,28 @@ _S3_KEYS = {
     "aws_region": "client_kwargs.region_name",
     "region": "client_kwargs.region_name",
 }
-_S3_DROPPED = {"allow_http", "aws_allow_http", "aws_virtual_hosted_style_request", "virtual_hosted_style_request"}
+_S3_DROPPED = {
+    "allow_http", "aws_allow_http", "aws_virtual_hosted_style_request", "virtual_hosted_style_request",
+    "client_retry_timeout", "download_retry_count", "allow_invalid_certificates", "aws_s3_express",
+}
+# Lance server-side-encryption option -> S3 request parameter (s3fs ``s3_additional_kwargs``), so
+# the files written beside a dataset are encrypted the way its data files are.
+_S3_SSE = {
+    "aws_server_side_encryption": "ServerSideEncryption",
+    "aws_sse_kms_key_id": "SSEKMSKeyId",
+    "aws_sse_bucket_key_enabled": "BucketKeyEnabled",
+}
+# Lance (object_store client) timeout option -> botocore Config field.
+_S3_TIMEOUTS = {"timeout": "read_timeout", "request_timeout": "read_timeout", "connect_timeout": "connect_timeout"}
+
+RETRY_ATTEMPTS = 5
+"""Attempts of one object-store call (``retrying``), each itself retried by botocore/s3fs."""
+RETRY_BASE_SECONDS = 0.25
+RETRY_MAX_SECONDS = 8.0
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+"""Errors that retrying cannot fix: raised at once (with the object's URL in the message)."""
+
+T = TypeVar("T")
 
 
 def protocol_of(url: str) -> str:
@@ -43,18 +75,29 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
 
     For S3, ``aws_endpoint``/``aws_access_key_id``/``aws_secret_access_key``/``aws_region`` become
     s3fs's ``client_kwargs.endpoint_url``/``key``/``secret``/``client_kwargs.region_name``;
-    ``allow_http`` is dropped (s3fs follows the endpoint's scheme). Other keys pass through.
+    Lance's ``timeout``/``connect_timeout`` (``"30s"``, ``"500ms"``) and ``client_max_retries``
+    become botocore's ``read_timeout``/``connect_timeout`` and retry attempts; ``allow_http`` and
+    other Lance-only keys are dropped (s3fs follows the endpoint's scheme). Other keys pass through.
     """
     options = dict(storage_options or {})
     if protocol_of(url) not in ("s3", "s3a"):
         return options
     out: dict[str, Any] = {}
     client_kwargs = dict(options.pop("client_kwargs", {}) or {})
+    config_kwargs = dict(options.pop("config_kwargs", {}) or {})
     for key, value in options.items():
-        target = _S3_KEYS.get(key.lower())
-        if key.lower() in _S3_DROPPED:
+        lower = key.lower()
+        target = _S3_KEYS.get(lower)
+        if lower in _S3_DROPPED:
             continue
-        if target is None:
+        if lower in _S3_SSE:
+            extra = out.setdefault("s3_additional_kwargs", {})
+            extra[_S3_SSE[lower]] = str(value).lower() == "true" if lower.endswith("enabled") else value
+        elif lower in _S3_TIMEOUTS:
+            config_kwargs.setdefault(_S3_TIMEOUTS[lower], parse_seconds(value))
+        elif lower == "client_max_retries":
+            config_kwargs.setdefault("retries", {"max_attempts": int(value) + 1, "mode": "standard"})
+        elif target is None:
             out[key] = value
         elif target.startswith("client_kwargs."):
             client_kwargs[target.split(".", 1)[1]] = value
@@ -62,7 +105,69 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
             out[target] = value
     if client_kwargs:
         out["client_kwargs"] = client_kwargs
+    if config_kwargs:
+        out["config_kwargs"] = config_kwargs
     return out
+
+
+def parse_seconds(value: Any) -> float:
+    """A duration as seconds: a number, or a string such as ``"30s"``, ``"500ms"``, ``"2m"``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use e.g. '30s' or '500ms')")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying may fix ``exc``: I/O errors other than not-found, denied and the like."""
+    if isinstance(exc, PERMANENT_ERRORS):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    # errors from the HTTP stack that s3fs passes through untranslated
+    return type(exc).__module__.split(".")[0] in ("aiohttp", "botocore", "aiobotocore", "urllib3")
+
+
+def _named(exc: BaseException, what: str, note: str = "") -> BaseException:
+    """``exc`` re-created with ``what`` (the object's URL) leading its message, type kept."""
+    message = f"{what}: {note}{exc}" if str(exc) else f"{what}: {note}{type(exc).__name__}"
+    try:
+        return type(exc)(message)
+    except Exception:  # noqa: BLE001 — a type that takes other arguments
+        return OSError(message)
+
+
+def retrying(
+    what: str, fn: Callable[[], T], attempts: int | None = None,
+    base_delay: float = RETRY_BASE_SECONDS, max_delay: float = RETRY_MAX_SECONDS,
+) -> T:
+    """``fn()``, retried with exponential backoff and jitter on transient errors.
+
+    ``what`` (the object's URL) leads the message of any error that escapes: a permanent one at
+    once, a transient one after the last attempt.
+    """
+    attempts = attempts or RETRY_ATTEMPTS
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 — classified below, re-raised named
+            if not is_transient(exc):
+                if what in str(exc):
+                    raise
+                raise _named(exc, what) from exc
+            if attempt == attempts - 1:
+                raise _named(exc, what, f"failed after {attempts} attempts: ") from exc
+            delay = min(max_delay, base_delay * 2**attempt)
+            time.sleep(delay * (0.5 + random.random() / 2))
+    raise AssertionError("unreachable")
+
+
+def _attempts(fs: fsspec.AbstractFileSystem) -> int:
+    """Local files are not retried: their errors do not go away by waiting."""
+    return 1 if isinstance(fs, LocalFileSystem) else RETRY_ATTEMPTS
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> fsspec.AbstractFileSystem:
@@ -81,32 +186,58 @@ def join(url: str, *parts: str) -> str:
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """The whole object at ``url``."""
+    """The whole object at ``url`` (transient errors retried; errors name ``url``)."""
     fs, path = url_to_fs(url, storage_options)
-    return fs.cat_file(path)
+    return retrying(url, lambda: fs.cat_file(path), _attempts(fs))
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether an object (or directory) exists at ``url``."""
     fs, path = url_to_fs(url, storage_options)
     fs.invalidate_cache(path)
-    return fs.exists(path)
+    return retrying(url, lambda: fs.exists(path), _attempts(fs))
 
 
 def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write ``data`` to ``url`` in one PUT (object stores) or one file write (local)."""
+    """Write ``data`` to ``url``, all or nothing: one PUT (object stores; idempotent, so retried
+    on transient errors) or a temporary file renamed into place (local), so a crash never
+    leaves a partial file behind."""
     fs, path = url_to_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.pipe_file(path, data)
+        _write_local_atomic(fs, path, lambda f: f.write(data))
+        return
+    retrying(url, lambda: fs.pipe_file(path, data))
 
 
 def put_file(local_path: str, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Upload (or copy) the local file ``local_path`` to ``url``, streaming."""
+    """Upload (or copy) the local file ``local_path`` to ``url``, streaming; all or nothing, as
+    ``write_bytes`` (a multipart upload only appears when completed)."""
     fs, path = url_to_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.put_file(local_path, path)
+        def copy(f) -> None:
+            with open(local_path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 24)
+
+        _write_local_atomic(fs, path, copy)
+        return
+    retrying(url, lambda: fs.put_file(local_path, path))
+
+
+def _write_local_atomic(fs: LocalFileSystem, path: str, write: Callable[[Any], Any]) -> None:
+    """Write through ``write(file)`` to a temporary file beside ``path``, flush it to disk, then
+    rename it over ``path`` (atomic on POSIX): readers see the old file or the new, never a part."""
+    parent = fs._parent(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def replace_atomic(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -117,20 +248,9 @@ def replace_atomic(url: str, data: bytes, storage_options: Mapping[str, Any] | N
     """
     fs, path = url_to_fs(url, storage_options)
     if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data)
+        retrying(url, lambda: fs.pipe_file(path, data))
         return
-    parent = fs._parent(path)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_local_atomic(fs, path, lambda f: f.write(data))
 
 
 def list_names(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -138,7 +258,7 @@ def list_names(url: str, storage_options: Mapping[str, Any] | None = None) -> li
     fs, path = url_to_fs(url, storage_options)
     fs.invalidate_cache(path)
     try:
-        entries = fs.ls(path, detail=False)
+        entries = retrying(url, lambda: fs.ls(path, detail=False), _attempts(fs))
     except FileNotFoundError:
         return []
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -150,7 +270,19 @@ def remove(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
     fs.rm(path, recursive=True)
 
 
+_USERINFO = re.compile(r"(?<=://)\S*@")  # greedy: up to the last "@", whatever the password holds
+
+
+def redact_url(url: str) -> str:
+    """``url`` without any ``user:password@`` part."""
+    return _USERINFO.sub("***@", str(url))
+
+
 def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``options`` safe to print or log: every value hidden but endpoint, region and allow_http."""
+    """``options`` safe to print or log: every value hidden but endpoint, region and allow_http
+    (an endpoint's ``user:password@`` hidden too)."""
     visible = ("endpoint", "region", "allow_http")
-    return {k: (v if any(s in k.lower() for s in visible) else "***") for k, v in (options or {}).items()}
+    return {
+        k: (redact_url(v) if any(s in k.lower() for s in visible) else "***")
+        for k, v in (options or {}).items()
+    }

@@ -101,13 +101,26 @@ def make_schema(dims: Sequence[int], dtype: str, passthrough: Iterable[pa.Field]
 def embedding_arrays(
     embeddings: np.ndarray, dims: Sequence[int], dtype: str = "float16", normalize: bool = True
 ) -> dict[str, pa.FixedSizeListArray]:
-    """{``emb_<d>``: fixed-size-list array of the first d dims}, each prefix L2-normalised."""
+    """{``emb_<d>``: fixed-size-list array of the first d dims}, each prefix L2-normalised.
+
+    Refuses NaN or inf (an encoder that failed on some input), and values that overflow float16:
+    such a row would poison every search that touches it.
+    """
     np_type = np.float16 if dtype == "float16" else np.float32
+    finite = np.isfinite(embeddings).all(axis=1) if embeddings.ndim == 2 else np.isfinite(embeddings)
+    if not np.all(finite):
+        bad = np.flatnonzero(~finite)
+        raise StorageError(
+            f"embeddings of {len(bad)} row(s) (batch rows {bad[:10].tolist()}) contain NaN or inf; "
+            f"refusing to write them"
+        )
     out = {}
     for d in dims:
         head = embeddings[:, :d].astype(np.float32, copy=False)
         if normalize:
             head = l2_normalize(head)
+        if np_type is np.float16 and not normalize and np.abs(head).max(initial=0) > np.finfo(np.float16).max:
+            raise StorageError(f"embedding values overflow float16 at {d} dims; store them as float32")
         flat = pa.array(np.ascontiguousarray(head, dtype=np_type).reshape(-1))
         out[emb_column(d)] = pa.FixedSizeListArray.from_arrays(flat, d)
     return out
