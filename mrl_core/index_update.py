@@ -152,8 +152,8 @@ def sync_version_tags(dataset_uri: str, index_uri: str | None = None,
     for version in list_versions(index_uri, storage_options):
         try:
             wanted[TAG_PREFIX + version] = read_manifest(index_uri, version, storage_options).dataset_version
-        except IndexNotFoundError:
-            continue  # a version directory still being written
+        except (IndexNotFoundError, ValueError):
+            continue  # a version directory still being written, or from a newer writer
     existing = {name: meta["version"] for name, meta in ds.tags.list().items() if name.startswith(TAG_PREFIX)}
     for name in existing.keys() - wanted.keys():
         ds.tags.delete(name)

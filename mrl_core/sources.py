@@ -1,8 +1,10 @@
 """Input shards: find them under any fsspec URL and read one into validated records.
 
 One shard is one file: Parquet, JSONL, plain text (a record a line) or a WebDataset tar.
-A shard that cannot be read at all raises ``ShardError`` naming it; a bad record (null,
-empty, invalid UTF-8, too large, unparsable) is skipped and reported with its position.
+A shard that cannot be read at all (unreadable, corrupt, truncated, wrong column type) raises
+``ShardError`` naming it; a bad record (null, empty, not a string, invalid UTF-8 or lone
+surrogates, too large, unparsable) is skipped and reported with its position. Object-store
+reads are retried with backoff on transient errors (``objectstore.retrying``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mrl_core.objectstore import filesystem
+from mrl_core.objectstore import filesystem, retrying
 
 FORMATS = {
     ".parquet": "parquet",
@@ -30,6 +34,7 @@ FORMATS = {
 }
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class ShardError(RuntimeError):
@@ -78,16 +83,16 @@ def list_shards(
     """Every shard under ``url`` (a file, a directory searched recursively, or a glob), sorted."""
     fs = filesystem(url, storage_options)
     if any(c in url for c in "*?["):
-        paths = fs.glob(url)
-    elif fs.isdir(url):
-        paths = [p for p in fs.find(url) if fmt or posixpath.splitext(p)[1].lower() in FORMATS]
-    elif fs.exists(url):
+        paths = retrying(url, lambda: fs.glob(url))
+    elif retrying(url, lambda: fs.isdir(url)):
+        paths = [p for p in retrying(url, lambda: fs.find(url)) if fmt or posixpath.splitext(p)[1].lower() in FORMATS]
+    elif retrying(url, lambda: fs.exists(url)):
         paths = [url]
     else:
         raise FileNotFoundError(f"input {url} does not exist")
     shards = []
     for path in sorted(paths):
-        info = fs.info(path)
+        info = retrying(path, lambda path=path: fs.info(path))
         if info.get("type") == "directory":
             continue
         size = int(info.get("size") or 0)
@@ -109,9 +114,13 @@ def read_shard(
 ) -> ShardRecords:
     """Read and validate one shard: columns ``_pos``, ``_input`` and the ``keep`` columns."""
     fs = filesystem(shard.uri, storage_options)
-    try:
+
+    def read() -> bytes:
         with fs.open(shard.uri, "rb") as f:
-            data = f.read()
+            return f.read()
+
+    try:
+        data = retrying(shard.uri, read)
     except (OSError, ValueError) as exc:
         raise ShardError(shard.uri, f"cannot open: {exc}") from exc
     reader = {"parquet": _parquet, "jsonl": _jsonl, "text": _text, "wds": _wds}[shard.format]
@@ -120,18 +129,26 @@ def read_shard(
     missing = [c for c in [input_column, *keep] if c not in table.column_names]
     if missing and table.num_rows:
         raise ShardError(shard.uri, f"no column {missing[0]!r} (columns: {', '.join(table.column_names)})")
-    values = table.column(input_column).to_pylist() if table.num_rows else []
-    good, pos = [], table.column("_pos").to_pylist() if table.num_rows else []
-    for i, value in enumerate(values):
-        reason = _record_problem(value, modality, max_record_bytes)
-        if reason:
-            skipped.append((pos[i], reason))
-        else:
-            good.append(i)
-    table = table.take(pa.array(good, pa.int64())) if len(good) != table.num_rows else table
-    if modality == "text" and table.num_rows and pa.types.is_binary(table.schema.field(input_column).type):
+    if table.num_rows:
+        # only the rows a vectorised pre-check cannot clear get the per-record Python check
+        suspect = _suspects(table.column(input_column), modality, max_record_bytes)
+        if suspect.any():
+            values = table.column(input_column).filter(suspect).to_pylist()
+            rows = np.flatnonzero(suspect)
+            pos = table.column("_pos").to_numpy()
+            keep_rows = np.ones(table.num_rows, dtype=bool)
+            for i, value in zip(rows, values):
+                reason = _record_problem(value, modality, max_record_bytes)
+                if reason:
+                    skipped.append((int(pos[i]), reason))
+                    keep_rows[i] = False
+            if not keep_rows.all():
+                table = table.filter(pa.array(keep_rows))
+    itype = table.schema.field(input_column).type if table.num_rows else None
+    if modality == "text" and table.num_rows and (pa.types.is_binary(itype) or pa.types.is_large_binary(itype)):
+        text_type = pa.large_string() if pa.types.is_large_binary(itype) else pa.string()
         table = table.set_column(
-            table.schema.get_field_index(input_column), input_column, table.column(input_column).cast(pa.string())
+            table.schema.get_field_index(input_column), input_column, table.column(input_column).cast(text_type)
         )
     table = table.rename_columns(["_input" if n == input_column else n for n in table.column_names])
     skipped.sort()
@@ -141,6 +158,25 @@ def read_shard(
 def _empty(keep: Sequence[str]) -> pa.Table:
     return pa.table({"_pos": pa.array([], pa.int64()), "_input": pa.array([], pa.string()),
                      **{k: pa.array([], pa.string()) for k in keep}})
+
+
+def _suspects(column: pa.ChunkedArray, modality: str, max_bytes: int) -> np.ndarray:
+    """Boolean mask of the records ``_record_problem`` must look at; the rest are fine.
+
+    A string with a letter, digit, mark, punctuation or symbol in it is not empty (Python's
+    ``str.strip`` removes none of those), so only nulls, oversized and possibly blank strings are
+    suspects; an encoded image only when null, empty or oversized. Other types: every record.
+    """
+    ctype = column.type
+    if modality == "text" and (pa.types.is_string(ctype) or pa.types.is_large_string(ctype)):
+        visible = pc.match_substring_regex(column, r"[\pL\pN\pM\pP\pS]")
+        mask = pc.or_kleene(pc.invert(visible), pc.greater(pc.binary_length(column), max_bytes))
+    elif modality != "text" and (pa.types.is_binary(ctype) or pa.types.is_large_binary(ctype)):
+        size = pc.binary_length(column)
+        mask = pc.or_kleene(pc.equal(size, 0), pc.greater(size, max_bytes))
+    else:
+        return np.ones(len(column), dtype=bool)
+    return pc.fill_null(mask, True).to_numpy(zero_copy_only=False)
 
 
 def _record_problem(value: object, modality: str, max_bytes: int) -> str | None:
@@ -170,7 +206,7 @@ def _record_problem(value: object, modality: str, max_bytes: int) -> str | None:
 
 
 def _with_positions(table: pa.Table) -> pa.Table:
-    return table.append_column("_pos", pa.array(range(table.num_rows), pa.int64()))
+    return table.append_column("_pos", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
 def _parquet(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table, list]:
@@ -189,10 +225,35 @@ def _parquet(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Ta
     if not (pa.types.is_string(ftype) or pa.types.is_large_string(ftype) or pa.types.is_binary(ftype)
             or pa.types.is_large_binary(ftype)):
         raise ShardError(uri, f"column {column!r} is {ftype}, expected string or binary")
-    return _with_positions(table), []
+    return _with_positions(_valid_utf8(table, column)), []
+
+
+def _valid_utf8(table: pa.Table, column: str) -> pa.Table:
+    """Parquet does not guarantee valid UTF-8 in string columns: the input column's invalid
+    values become binary (the record check then skips them, naming the byte); a kept column's
+    invalid bytes are replaced with U+FFFD so the dataset never holds invalid strings."""
+    for i, fld in enumerate(table.schema):
+        if not (pa.types.is_string(fld.type) or pa.types.is_large_string(fld.type)):
+            continue
+        col = table.column(i)
+        try:
+            for chunk in col.chunks:
+                chunk.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        raw = col.cast(pa.large_binary() if pa.types.is_large_string(fld.type) else pa.binary())
+        if fld.name == column:
+            table = table.set_column(i, pa.field(fld.name, raw.type), raw)
+        else:
+            fixed = [None if v is None else v.decode("utf-8", "replace") for v in raw.to_pylist()]
+            table = table.set_column(i, fld, pa.array(fixed, fld.type))
+    return table
 
 
 def _lines(data: bytes) -> list[bytes]:
+    if data.startswith(UTF8_BOM):  # a byte-order mark is not part of the first record
+        data = data[len(UTF8_BOM):]
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -213,10 +274,53 @@ def _jsonl(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Tabl
         if not isinstance(obj, dict):
             skipped.append((pos, f"line is a JSON {type(obj).__name__}, expected an object"))
             continue
-        rows.append({"_pos": pos, column: obj.get(column), **{k: obj.get(k) for k in keep}})
+        value = obj.get(column)
+        if value is not None and not isinstance(value, str):
+            skipped.append((pos, f"field {column!r} is a JSON {_json_kind(value)}, expected a string"))
+            continue
+        problem = _unencodable(value)
+        if problem:
+            skipped.append((pos, problem))
+            continue
+        rows.append({"_pos": pos, column: value, **{k: obj.get(k) for k in keep}})
     if rows and not any(column in r and r[column] is not None for r in rows):
         raise ShardError(uri, f"no record has the field {column!r}")
+    for k in keep:
+        if k != column:
+            _uniform_column(rows, k)
     return _rows_to_table(rows, column, keep), skipped
+
+
+def _json_kind(value: object) -> str:
+    return {bool: "boolean", int: "number", float: "number", dict: "object", list: "array"}.get(
+        type(value), type(value).__name__)
+
+
+def _unencodable(value: str | None) -> str | None:
+    """Why a string cannot be stored as UTF-8 (JSON ``\\ud800`` escapes decode to lone surrogates)."""
+    if value is None:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"text has a lone surrogate (U+{ord(value[exc.start]):04X}) at character {exc.start}, not valid Unicode"
+    return None
+
+
+def _uniform_column(rows: list[dict], key: str) -> None:
+    """Make one kept JSONL field storable: lone surrogates replaced, and when its values mix JSON
+    types (or hold objects/arrays) every non-null value becomes its JSON text."""
+    kinds = {type(r[key]) for r in rows if r.get(key) is not None}
+    stringify = not (kinds <= {str} or kinds <= {int, float} or kinds == {bool})
+    for r in rows:
+        v = r.get(key)
+        if v is None:
+            continue
+        if stringify and not isinstance(v, str):
+            v = json.dumps(v, ensure_ascii=False, sort_keys=True)
+        if isinstance(v, str) and _unencodable(v):
+            v = v.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        r[key] = v
 
 
 def _text(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table, list]:
@@ -242,6 +346,14 @@ def _wds(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table,
                 key, _, ext = base.partition(".")
                 key = posixpath.join(posixpath.dirname(member.name), key)
                 samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+            # tarfile stops quietly where the data ends; a complete archive ends with zero blocks.
+            # Without them the tail (whole samples, or half a header) is missing: refuse the
+            # shard rather than commit it short.
+            tar.fileobj.seek(tar.offset)
+            end = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if len(end) < tarfile.BLOCKSIZE or any(end):
+                raise ShardError(uri, f"truncated tar file: it ends after {len(samples)} sample(s) "
+                                      f"without the end-of-archive marker")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ShardError(uri, f"not a readable tar file (truncated or corrupt?): {exc}") from exc
     rows = []

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,10 @@ from mrl_core.storage import (
     read_ledger,
     try_open,
 )
-from pipelines.embed_plan import Encode, PlanConfig, preprocess, read_shards, write_fragments
+from pipelines.embed_plan import PlanConfig, build_plan
 
 DEFAULT_DATA_DIR = Path("data")
+TEXT_CHUNK_ROWS = 1 << 16
 
 
 @dataclass
@@ -158,15 +159,28 @@ def open_or_create(cfg: EmbedConfig, info: DatasetInfo, schema: pa.Schema) -> la
     return ds
 
 
-def _resources(cfg: EmbedConfig) -> tuple[int, float]:
-    """(encoder actors, GPUs per actor): one actor per GPU by default, CPU actors without GPUs."""
-    gpus = ray.cluster_resources().get("GPU", 0)
-    per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else 0.0)
+def _resources(cfg: EmbedConfig) -> tuple[int, float | None]:
+    """(encoder actors, GPUs per actor): one actor per GPU by default. Without GPUs (and no
+    ``gpus_per_actor``) there are no actors: (concurrent CPU tasks, None), one task per CPU."""
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
+    per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else None)
     if cfg.actors:
         return cfg.actors, per_actor
     if per_actor:
         return max(1, int(gpus / per_actor)), per_actor
-    return 1, 0.0
+    if per_actor is None:
+        return max(1, int(resources.get("CPU", 1))), None
+    return 1, per_actor
+
+
+def _chunk_rows(cfg: EmbedConfig, modality: str) -> int:
+    """Records per chunk: read, tokenised and written together (one Lance fragment each).
+
+    Text goes in chunks of at least ``TEXT_CHUNK_ROWS``: the tokeniser's batch encoding needs
+    big batches to keep every core busy, and big fragments keep the dataset quick to open.
+    """
+    return max(cfg.batch_rows, TEXT_CHUNK_ROWS) if modality == "text" else cfg.batch_rows
 
 
 def run_embed(cfg: EmbedConfig) -> EmbedSummary:
@@ -200,29 +214,18 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
         ray.init(log_to_driver=False, include_dashboard=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     actors, gpus_per_actor = _resources(cfg)
-    summary.encode_actors, summary.gpus = actors, actors * gpus_per_actor
+    summary.encode_actors, summary.gpus = actors, actors * (gpus_per_actor or 0.0)
     plan_cfg = PlanConfig(
         output=cfg.output, encoder=cfg.encoder, dims=info.dims, dtype=cfg.dtype,
         input_column=cfg.text_column, keep=tuple(cfg.keep), id_column=cfg.id_column,
         modality=info.modality, max_record_bytes=cfg.max_record_bytes, on_error=cfg.on_error,
         storage_options=tuple(cfg.storage_options.items()), input_storage_options=tuple(in_opts.items()),
-        encoder_kwargs=tuple(cfg.encoder_kwargs.items()),
+        encoder_kwargs=tuple(cfg.encoder_kwargs.items()), chunk_rows=_chunk_rows(cfg, info.modality),
     )
-    preprocessor = getattr(encoder, "preprocessor", None)
-    pre_ref = ray.put(preprocessor) if preprocessor is not None else None
     log = CommitLog(cfg.output, cfg.storage_options or None)
     progress = Progress(total_shards=len(todo), enabled=cfg.progress)
-    plan = (
-        ray.data.from_items([asdict(s) for s in todo], override_num_blocks=len(todo))
-        .map_batches(read_shards, fn_kwargs={"cfg": plan_cfg}, batch_size=1, batch_format="pyarrow")
-        .map_batches(preprocess, fn_kwargs={"cfg": plan_cfg, "preprocessor": pre_ref},
-                     batch_size=cfg.batch_rows, batch_format="pyarrow")
-        .map_batches(Encode, fn_constructor_kwargs={"cfg": plan_cfg}, batch_size=cfg.batch_rows,
-                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-                     num_gpus=gpus_per_actor, num_cpus=0 if gpus_per_actor else 1)
-        .map_batches(write_fragments, fn_kwargs={"cfg": plan_cfg, "schema": schema},
-                     batch_size=cfg.batch_rows, batch_format="pyarrow")
-    )
+    plan = build_plan(todo, plan_cfg, schema, actors, gpus_per_actor, cfg.batch_rows,
+                      preprocessor=getattr(encoder, "preprocessor", None))
     stage_seconds = {"read": 0.0, "preprocess": 0.0, "encode": 0.0, "write": 0.0}
     try:
         for row in plan.iter_rows():
@@ -355,10 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "bad records are always skipped and counted")
     p.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES,
                    help="records larger than this are skipped and reported")
-    p.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, or 1 on CPU)")
-    p.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder actor, fractional allowed (default 1 when GPUs exist)")
+    p.add_argument("--actors", type=int, help="encoder actors (default: one per GPU); without GPUs, "
+                   "concurrent CPU tasks that each read, tokenise, encode and write a shard (default: one per CPU)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder actor, fractional allowed (default 1 "
+                   "when GPUs exist; 0 runs the GPU layout, separate encoder actors, on the CPU)")
     p.add_argument("--batch-rows", type=int, default=4096,
-                   help="rows per Ray batch; device calls inside are sized by tokens/pixels")
+                   help="rows per batch to the encoder actors; device calls inside are sized by tokens/pixels. "
+                   f"Text is read, tokenised and written in chunks of at least {TEXT_CHUNK_ROWS:,} rows")
     p.add_argument("--max-shards", type=int, help="embed at most this many new shards in this run")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")

@@ -1,22 +1,30 @@
 """The Ray Data plan of the embed job: read shards -> preprocess (CPU tasks) -> encode
-(actors, one model per GPU) -> write uncommitted Lance fragments -> one report row per batch.
+(actors, one model per GPU) -> write uncommitted Lance fragments -> one report row per write.
 
 Every row carries its shard, its position in the shard and the shard's record count, so the
 driver's ``CommitLog`` can tell when a shard is complete and drop repeated outputs. Rows that
 cannot be embedded travel with ``_error`` set and are reported as skipped, never written.
+
+``build_plan`` lays the stages out two ways. With encoder actors (GPUs) the stages are separate:
+CPU tasks read and tokenise, the actors only run the model, CPU tasks write. Without them all four
+stages run in one task per shard (``embed_shards``), chunk by chunk: on a CPU-only machine the
+tokeniser is the bottleneck, and shipping tokens and embeddings between processes through the
+object store would only take cores from it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
 import lance
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from mrl_core.encoders import get_encoder
@@ -44,6 +52,7 @@ class PlanConfig:
     storage_options: tuple[tuple[str, str], ...] = ()
     input_storage_options: tuple[tuple[str, str], ...] = ()
     encoder_kwargs: tuple[tuple[str, Any], ...] = ()
+    chunk_rows: int = 1 << 16  # records read, tokenised and written together (one fragment)
 
     @property
     def out_options(self) -> dict[str, str]:
@@ -52,30 +61,34 @@ class PlanConfig:
 
 
 def _column(n: int, value: Any, type_: pa.DataType) -> pa.Array:
-    return pa.array([value] * n, type_)
+    """``n`` copies of ``value`` (null when None), built in C."""
+    return pa.nulls(n, type_) if value is None else pa.repeat(pa.scalar(value, type_), n)
 
 
 def _meta(table: pa.Table, shard: Shard, total: int, skipped: list, error: str | None,
           elapsed: float) -> pa.Table:
     """Attach the per-row bookkeeping columns; skipped records ride on the shard's first row."""
     n = table.num_rows
-    skipped_json = [json.dumps(skipped)] + [None] * (n - 1) if n else []
+    skipped_json = (pa.concat_arrays([pa.array([json.dumps(skipped)], pa.string()), pa.nulls(n - 1, pa.string())])
+                    if n else pa.array([], pa.string()))
     return (
         table.append_column("_total", _column(n, total, pa.int64()))
         .append_column("_version", _column(n, shard.version, pa.string()))
-        .append_column("_skipped", pa.array(skipped_json, pa.string()))
+        .append_column("_skipped", skipped_json)
         .append_column("_error", _column(n, error, pa.string()))
         .append_column("_t_read", _column(n, elapsed / max(n, 1), pa.float64()))
     )
 
 
-def read_shards(batch: pa.Table, cfg: PlanConfig) -> pa.Table:
-    """Stage 1 (a CPU task per shard): read, validate, assign ids."""
-    out = [_read_one(Shard(**row), cfg) for row in batch.to_pylist()]
-    return pa.concat_tables(out, promote_options="default")
+def _embeddable(batch: pa.Table) -> np.ndarray:
+    """Boolean mask of the rows to embed: no ``_error`` and a real position (not a placeholder)."""
+    ok = batch.column("_error").is_null().to_numpy(zero_copy_only=False)
+    return ok & (batch.column("_pos").to_numpy() >= 0)
 
 
 def _read_one(shard: Shard, cfg: PlanConfig) -> pa.Table:
+    """Stage 1: read and validate one shard, assign ids; a failed or empty shard becomes one
+    placeholder row (``_pos`` -1) that reports it."""
     start = time.perf_counter()
     keep = [*cfg.keep, *([cfg.id_column] if cfg.id_column and cfg.id_column not in cfg.keep else [])]
     try:
@@ -110,9 +123,15 @@ def _cached_encoder(spec: str, device: str | None, kwargs: tuple) -> Any:
     return get_encoder(spec, device=device, **dict(kwargs))
 
 
+@lru_cache(maxsize=4)
+def _fetch(ref: ray.ObjectRef) -> Any:
+    """The preprocessor behind ``ref``, deserialised once per worker, not once per batch."""
+    return ray.get(ref)
+
+
 def _preprocessor(cfg: PlanConfig, preprocessor: Any) -> Any:
     if isinstance(preprocessor, ray.ObjectRef):
-        return ray.get(preprocessor)
+        return _fetch(preprocessor)
     if preprocessor is not None:
         return preprocessor
     enc = _cached_encoder(cfg.encoder, "cpu", cfg.encoder_kwargs)
@@ -127,16 +146,19 @@ def preprocess(batch: pa.Table, cfg: PlanConfig, preprocessor: Any = None) -> pa
     """
     start = time.perf_counter()
     pre = _preprocessor(cfg, preprocessor)
-    errors = batch.column("_error").to_pylist()
-    positions = batch.column("_pos").to_pylist()
-    inputs = batch.column("_input").to_pylist()
-    good = [i for i, (e, p) in enumerate(zip(errors, positions)) if e is None and p >= 0]
-    features, failed = _preprocess_rows(pre, [inputs[i] for i in good])
-    for j, reason in failed.items():
-        errors[good[j]] = reason
-    good = [g for j, g in enumerate(good) if j not in failed]
+    good = np.flatnonzero(_embeddable(batch))
+    inputs = batch.column("_input")
+    if len(good) == batch.num_rows:  # no bad rows: no gather
+        features, failed = _preprocess_rows(pre, inputs.to_pylist())
+    else:
+        features, failed = _preprocess_rows(pre, inputs.take(pa.array(good)).to_pylist())
+    if failed:
+        errors = batch.column("_error").to_pylist()
+        for j, reason in failed.items():
+            errors[int(good[j])] = reason
+        batch = batch.set_column(batch.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
+        good = np.delete(good, np.fromiter(failed, dtype=np.int64, count=len(failed)))
     columns = features_to_columns(features, good, batch.num_rows)
-    batch = batch.set_column(batch.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
     batch = batch.drop_columns(["_input"])
     for name, col in columns.items():
         batch = batch.append_column(name, col)
@@ -169,23 +191,32 @@ def features_to_columns(features: dict[str, np.ndarray], rows: list[int], n: int
     per-row array becomes a fixed-shape tensor column.
     """
     out: dict[str, pa.Array] = {}
+    rows = np.asarray(rows, dtype=np.int64)
+    every = len(rows) == n  # all rows have features (the usual case): no scatter
     if "ids" in features and "lengths" in features:
-        lengths = np.zeros(n, dtype=np.int64)
-        lengths[rows] = features["lengths"]
+        lengths = np.asarray(features["lengths"], dtype=np.int64)
+        if not every:
+            lengths = np.zeros(n, dtype=np.int64)
+            lengths[rows] = features["lengths"]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         out["_f_ids"] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(features["ids"], pa.int64()))
     for key, value in features.items():
         if key in ("ids", "lengths"):
             continue
-        full = np.zeros((n, *value.shape[1:]), dtype=value.dtype)
-        full[rows] = value
+        if every:
+            full = value
+        else:
+            full = np.zeros((n, *value.shape[1:]), dtype=value.dtype)
+            full[rows] = value
         out[f"_f_{key}"] = pa.FixedShapeTensorArray.from_numpy_ndarray(full) if full.ndim > 1 else pa.array(full)
     return out
 
 
 def columns_to_features(batch: pa.Table, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Inverse of ``features_to_columns`` for the selected ``rows``."""
-    sub = batch.take(pa.array(rows, pa.int64()))
+    sub = batch.select([name for name in batch.column_names if name.startswith("_f_")])
+    if len(rows) != batch.num_rows:
+        sub = sub.take(pa.array(rows, pa.int64()))
     features: dict[str, np.ndarray] = {}
     for name in sub.column_names:
         if not name.startswith("_f_"):
@@ -216,61 +247,126 @@ class Encode:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
-        errors = batch.column("_error").to_pylist()
-        positions = batch.column("_pos").to_numpy()
-        rows = np.array([i for i, e in enumerate(errors) if e is None and positions[i] >= 0], dtype=np.int64)
-        emb = np.zeros((batch.num_rows, self.encoder.dim), dtype=np.float32)
-        if len(rows):
-            emb[rows] = self.encoder.embed_features(columns_to_features(batch, rows))
+        out = encode(batch, self.cfg, self.encoder)
         self.busy += time.perf_counter() - start
-        batch = batch.drop_columns([c for c in batch.column_names if c.startswith("_f_")])
-        for name, col in embedding_arrays(emb, self.cfg.dims, self.cfg.dtype).items():
-            batch = batch.append_column(name, col)
-        elapsed = time.perf_counter() - start
-        return batch.append_column("_t_enc", _column(batch.num_rows, elapsed / max(batch.num_rows, 1), pa.float64()))
+        return out
+
+
+def encode(batch: pa.Table, cfg: PlanConfig, encoder: Any = None) -> pa.Table:
+    """Embed a preprocessed batch: ``_f_*`` feature columns -> ``emb_<d>`` columns.
+
+    ``encoder`` defaults to one loaded on the CPU once per worker process.
+    """
+    start = time.perf_counter()
+    if encoder is None:
+        encoder = _cached_encoder(cfg.encoder, "cpu", cfg.encoder_kwargs)
+    rows = np.flatnonzero(_embeddable(batch))
+    if len(rows) == batch.num_rows:
+        emb = encoder.embed_features(columns_to_features(batch, rows))
+    else:
+        emb = np.zeros((batch.num_rows, encoder.dim), dtype=np.float32)
+        if len(rows):
+            emb[rows] = encoder.embed_features(columns_to_features(batch, rows))
+    batch = batch.drop_columns([c for c in batch.column_names if c.startswith("_f_")])
+    for name, col in embedding_arrays(emb, cfg.dims, cfg.dtype).items():
+        batch = batch.append_column(name, col)
+    elapsed = time.perf_counter() - start
+    return batch.append_column("_t_enc", _column(batch.num_rows, elapsed / max(batch.num_rows, 1), pa.float64()))
 
 
 def write_fragments(batch: pa.Table, cfg: PlanConfig, schema: pa.Schema) -> pa.Table:
     """Stage 4 (CPU tasks): write the batch's good rows as uncommitted Lance fragments and
     return one report row: the fragments and, per shard, the positions written and skipped."""
     start = time.perf_counter()
-    errors = batch.column("_error").to_pylist()
-    positions = batch.column("_pos").to_numpy()
-    good = np.array([i for i, e in enumerate(errors) if e is None and positions[i] >= 0], dtype=np.int64)
+    ok = _embeddable(batch)
     fragments = []
-    if len(good):
-        rows = batch.take(pa.array(good)).select(schema.names).cast(schema)
+    if ok.any():
+        rows = batch if ok.all() else batch.filter(pa.array(ok))
+        rows = rows.select(schema.names).cast(schema)
         written = lance.fragment.write_fragments(rows, cfg.output, schema=schema, storage_options=cfg.out_options)
         fragments = [f.to_json() for f in written]
-    report = _shard_report(batch, good, errors, positions)
-    times = {c: float(np.sum(batch.column(c).to_numpy())) for c in ("_t_read", "_t_pre", "_t_enc")}
+    report = _shard_report(batch, ok)
+    times = {c: float(pc.sum(batch.column(c)).as_py() or 0.0) for c in ("_t_read", "_t_pre", "_t_enc")}
     times["_t_write"] = time.perf_counter() - start
     return pa.table({
         "report": [json.dumps({"fragments": fragments, "shards": report})],
-        "rows": [len(good)],
+        "rows": [int(ok.sum())],
         **{k: [v] for k, v in times.items()},
     })
 
 
-def _shard_report(batch: pa.Table, good: np.ndarray, errors: list, positions: np.ndarray) -> dict:
+def _shard_report(batch: pa.Table, ok: np.ndarray) -> dict:
     """Per shard in the batch: record count, version, positions written, skipped records, error."""
-    shards = batch.column("shard").to_pylist()
-    totals = batch.column("_total").to_numpy()
-    versions = batch.column("_version").to_pylist()
-    skipped_col = batch.column("_skipped").to_pylist()
-    good_set = set(good.tolist())
+    positions = batch.column("_pos").to_numpy()
+    shard_ids = batch.column("shard").combine_chunks().dictionary_encode()
+    codes = shard_ids.indices.to_numpy(zero_copy_only=False)
     report: dict[str, dict[str, Any]] = {}
-    written: dict[str, list[int]] = {}
-    for i, uri in enumerate(shards):
-        entry = report.setdefault(uri, {"total": int(totals[i]), "version": versions[i], "skipped": [], "error": None})
-        if skipped_col[i]:
-            entry["skipped"].extend(json.loads(skipped_col[i]))
-        if positions[i] < 0:
-            entry["error"] = errors[i]
-        elif i in good_set:
-            written.setdefault(uri, []).append(int(positions[i]))
-        else:
-            entry["skipped"].append([int(positions[i]), errors[i]])
-    for uri, entry in report.items():
-        entry["positions"] = encode_positions(np.array(written.get(uri, []), dtype=np.int64))
+    for code, uri in enumerate(shard_ids.dictionary.to_pylist()):
+        mine = codes == code
+        first = int(np.argmax(mine))
+        entry = {"total": int(batch.column("_total")[first].as_py()),
+                 "version": batch.column("_version")[first].as_py(), "skipped": [], "error": None}
+        for text in pc.drop_null(batch.column("_skipped").filter(pa.array(mine))).to_pylist():
+            entry["skipped"].extend(json.loads(text))
+        placeholder = mine & (positions < 0)
+        if placeholder.any():
+            entry["error"] = batch.column("_error")[int(np.argmax(placeholder))].as_py()
+        failed = np.flatnonzero(mine & ~ok & (positions >= 0))
+        if len(failed):
+            reasons = batch.column("_error").take(pa.array(failed)).to_pylist()
+            entry["skipped"].extend([int(positions[i]), reason] for i, reason in zip(failed, reasons))
+        entry["positions"] = encode_positions(positions[mine & ok])
+        report[uri] = entry
     return report
+
+
+def read_shards(batch: pa.Table, cfg: PlanConfig) -> Iterator[pa.Table]:
+    """Stage 1 (CPU tasks) for a batch of shard rows: the shards' records in slices of
+    ``cfg.chunk_rows``, bookkeeping columns attached."""
+    for row in batch.to_pylist():
+        table = _read_one(Shard(**row), cfg)
+        for lo in range(0, table.num_rows, cfg.chunk_rows):
+            yield table.slice(lo, cfg.chunk_rows)
+
+
+def read_and_preprocess(batch: pa.Table, cfg: PlanConfig, preprocessor: Any = None) -> Iterator[pa.Table]:
+    """Stages 1-2 in one CPU task per shard (staged layout): preprocessed chunks, streamed."""
+    for chunk in read_shards(batch, cfg):
+        yield preprocess(chunk, cfg, preprocessor)
+
+
+def embed_shards(batch: pa.Table, cfg: PlanConfig, schema: pa.Schema) -> Iterator[pa.Table]:
+    """All four stages in one CPU task per shard, chunk by chunk: one report row (and one
+    Lance fragment) per chunk of ``cfg.chunk_rows`` records."""
+    for chunk in read_shards(batch, cfg):
+        yield write_fragments(encode(preprocess(chunk, cfg), cfg), cfg, schema)
+
+
+def build_plan(shards: Sequence[Shard], cfg: PlanConfig, schema: pa.Schema, actors: int,
+               gpus_per_actor: float | None, batch_rows: int, preprocessor: Any = None) -> ray.data.Dataset:
+    """The Ray Data plan over ``shards``: one report row per written fragment (see the module doc).
+
+    ``gpus_per_actor`` None: no encoder actors; all stages run in up to ``actors`` concurrent
+    CPU tasks, one shard each. Otherwise (0 included) the staged layout: CPU tasks read and
+    preprocess (with ``preprocessor``, the encoder's picklable CPU half, when it has one),
+    ``actors`` encoder actors embed batches of ``batch_rows`` rows, and CPU tasks write
+    fragments of ``cfg.chunk_rows`` rows.
+    """
+    items = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
+    if gpus_per_actor is None:
+        plan = items.map_batches(embed_shards, fn_kwargs={"cfg": cfg, "schema": schema}, batch_size=1,
+                                 batch_format="pyarrow", concurrency=max(1, min(actors, len(shards))))
+        # one operator, nothing to reserve resources against: start every task at once
+        # (with the reservation on, Ray Data runs one task until the first one finishes)
+        plan.context.op_resource_reservation_enabled = False
+        return plan
+    pre_ref = ray.put(preprocessor) if preprocessor is not None else None
+    return (
+        items.map_batches(read_and_preprocess, fn_kwargs={"cfg": cfg, "preprocessor": pre_ref}, batch_size=1,
+                          batch_format="pyarrow")
+        .map_batches(Encode, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_rows,
+                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
+                     num_gpus=gpus_per_actor, num_cpus=0)  # its CPUs are left to the tokenising tasks
+        .map_batches(write_fragments, fn_kwargs={"cfg": cfg, "schema": schema},
+                     batch_size=cfg.chunk_rows, batch_format="pyarrow")
+    )

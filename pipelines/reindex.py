@@ -46,7 +46,7 @@ class ReindexConfig:
     text_column: str = "text"
     keep: Sequence[str] = ()
     format: str | None = None
-    storage_options: dict[str, str] = field(default_factory=dict)
+    storage_options: dict[str, str] = field(default_factory=dict, repr=False)  # may hold credentials
     keep_removed: bool = False
     growth_factor: float = 2.0
     min_recall: float = 0.98

@@ -22,7 +22,7 @@ from mrl_core.storage import derive_ids, emb_column, read_info, read_ledger
 from pipelines.embed import EmbedConfig, EmbedError, main, run_embed
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "vector search index matryoshka nested embedding lance ray shard encoder query".split()
+WORDS = ["vector", "search", "index", "matryoshka", "nested", "embedding", "lance", "ray", "shard", "encoder", "query"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,6 +100,27 @@ def test_local_end_to_end_all_formats(tmp_path):
     hits = tbl.search(reference[0, :64] / np.linalg.norm(reference[0, :64]), vector_column_name="emb_64") \
         .metric("cosine").limit(3).to_arrow()
     assert hits["id"][0].as_py() == derive_ids(str(src / "a.parquet"), np.array([0]))[0]
+
+
+def test_staged_layout_matches_the_fused_cpu_layout(tmp_path):
+    """``gpus_per_actor=0`` runs the GPU layout (tokenising tasks -> encoder actors -> writing
+    tasks) on the CPU; it must write what the default one-task-per-shard layout writes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_parquet(src / "a.parquet", 120, 1)
+    pq.write_table(pa.table({"text": ["fine", None, "  ", "also fine"], "url": list("abcd")}), src / "b.parquet")
+    outs = {}
+    for name, gpus in (("fused", None), ("staged", 0.0)):
+        out = str(tmp_path / f"{name}.lance")
+        summary = run_embed(EmbedConfig(input=str(src), output=out, keep=["url"], gpus_per_actor=gpus,
+                                        batch_rows=50, progress=False))
+        assert summary.rows_written == 122 and summary.records_skipped == 2 and summary.shards_done == 2
+        table = lance.dataset(out).to_table()
+        outs[name] = table.sort_by("id")
+    assert outs["fused"]["id"].equals(outs["staged"]["id"]) and outs["fused"]["url"].equals(outs["staged"]["url"])
+    for d in (64, 128, 256):
+        np.testing.assert_array_equal(np.stack(outs["fused"][emb_column(d)].to_numpy(zero_copy_only=False)),
+                                      np.stack(outs["staged"][emb_column(d)].to_numpy(zero_copy_only=False)))
 
 
 def test_refuses_to_mix_encoders(tmp_path):

@@ -53,6 +53,8 @@ def check_texts(texts: Sequence[Any]) -> list[str]:
     texts = list(texts)
     if not texts:
         raise ValueError("encode() got an empty input list")
+    if set(map(type, texts)) <= {str}:  # the common case, without a Python loop
+        return texts
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             kind = "None" if t is None else type(t).__name__
