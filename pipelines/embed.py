@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -105,8 +106,8 @@ class EmbedConfig:
     keep: Sequence[str] = ()
     id_column: str | None = None
     format: str | None = None
-    storage_options: dict[str, str] = field(default_factory=dict)
-    input_storage_options: dict[str, str] | None = None
+    storage_options: dict[str, str] = field(default_factory=dict, repr=False)  # may hold credentials
+    input_storage_options: dict[str, str] | None = field(default=None, repr=False)
     commit_every: int = 8
     on_error: str = "fail"
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
@@ -221,6 +222,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
         modality=info.modality, max_record_bytes=cfg.max_record_bytes, on_error=cfg.on_error,
         storage_options=tuple(cfg.storage_options.items()), input_storage_options=tuple(in_opts.items()),
         encoder_kwargs=tuple(cfg.encoder_kwargs.items()), chunk_rows=_chunk_rows(cfg, info.modality),
+        keep_schema=pa.schema([schema.field(k) for k in cfg.keep]),
     )
     log = CommitLog(cfg.output, cfg.storage_options or None)
     progress = Progress(total_shards=len(todo), enabled=cfg.progress)
@@ -276,6 +278,10 @@ def _root_message(exc: BaseException) -> str:
     for marker in ("ShardError: ", "ValueError: ", "RuntimeError: "):
         if marker in text:
             return text.split(marker)[-1].strip().splitlines()[0]
+    errors = re.findall(r"^(?:[\w.]+\.)?([A-Z]\w+): (.+)$", text, re.M)
+    if errors:
+        name, message = errors[-1]
+        return f"{name}: {message}"
     return text.strip().splitlines()[-1] if text.strip() else repr(exc)
 
 

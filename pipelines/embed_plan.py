@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -49,10 +49,11 @@ class PlanConfig:
     modality: str
     max_record_bytes: int
     on_error: str
-    storage_options: tuple[tuple[str, str], ...] = ()
-    input_storage_options: tuple[tuple[str, str], ...] = ()
+    storage_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    input_storage_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     encoder_kwargs: tuple[tuple[str, Any], ...] = ()
     chunk_rows: int = 1 << 16  # records read, tokenised and written together (one fragment)
+    keep_schema: pa.Schema | None = None  # the dataset's types of the kept columns
 
     @property
     def out_options(self) -> dict[str, str]:
@@ -94,6 +95,7 @@ def _read_one(shard: Shard, cfg: PlanConfig) -> pa.Table:
     try:
         records = read_shard(shard, cfg.input_column, keep, dict(cfg.input_storage_options),
                              cfg.modality, cfg.max_record_bytes)
+        _check_columns(records.table, shard, cfg)
     except ShardError as exc:
         if cfg.on_error == "fail":
             raise
@@ -103,6 +105,35 @@ def _read_one(shard: Shard, cfg: PlanConfig) -> pa.Table:
     if table.num_rows == 0:  # nothing to embed: one placeholder row reports the shard
         table = pa.table({"_pos": pa.array([-1], pa.int64()), "_input": pa.array([None], pa.string())})
     return _finish_read(table, shard, cfg, records.total, records.skipped, None, start)
+
+
+_ARROW_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
+
+
+def _check_columns(table: pa.Table, shard: Shard, cfg: PlanConfig) -> None:
+    """Raise ``ShardError`` when kept columns do not fit the dataset's types, or the
+    ``--id-column`` is not unique non-negative integers, before anything of the shard is written."""
+    if not table.num_rows:
+        return
+    if cfg.keep_schema is not None and len(cfg.keep_schema):
+        try:
+            table.select(cfg.keep_schema.names).cast(cfg.keep_schema)
+        except _ARROW_CAST_ERRORS as exc:
+            raise ShardError(shard.uri, f"kept column types do not match the dataset's "
+                                        f"({', '.join(f'{f.name}: {f.type}' for f in cfg.keep_schema)}): {exc}") from exc
+    if cfg.id_column:
+        column = table.column(cfg.id_column)
+        try:
+            ids = column.cast(pa.int64())
+        except _ARROW_CAST_ERRORS as exc:
+            raise ShardError(shard.uri, f"id column {cfg.id_column!r} is {column.type}, not integers") from exc
+        if ids.null_count:
+            raise ShardError(shard.uri, f"id column {cfg.id_column!r} has {ids.null_count} null value(s)")
+        values = ids.to_numpy()
+        if (values < 0).any():
+            raise ShardError(shard.uri, f"id column {cfg.id_column!r} has negative ids (first: {values[values < 0][0]})")
+        if len(np.unique(values)) != len(values):
+            raise ShardError(shard.uri, f"id column {cfg.id_column!r} repeats ids within the shard")
 
 
 def _finish_read(table: pa.Table, shard: Shard, cfg: PlanConfig, total: int, skipped: list,
@@ -267,6 +298,13 @@ def encode(batch: pa.Table, cfg: PlanConfig, encoder: Any = None) -> pa.Table:
         emb = np.zeros((batch.num_rows, encoder.dim), dtype=np.float32)
         if len(rows):
             emb[rows] = encoder.embed_features(columns_to_features(batch, rows))
+    finite = np.isfinite(emb).all(axis=1)
+    if not finite.all():  # a record the model cannot embed is skipped, never written
+        emb[~finite] = 0.0
+        errors = batch.column("_error").to_pylist()
+        for i in np.flatnonzero(~finite):
+            errors[i] = errors[i] or "the encoder produced NaN or inf"
+        batch = batch.set_column(batch.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
     batch = batch.drop_columns([c for c in batch.column_names if c.startswith("_f_")])
     for name, col in embedding_arrays(emb, cfg.dims, cfg.dtype).items():
         batch = batch.append_column(name, col)

@@ -378,9 +378,6 @@ def test_embed_job_with_every_kind_of_bad_input(tmp_path, local_ray):
     assert len(ids) == len(np.unique(ids)) == len(expected) + 400
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/embed_plan.py casts kept columns to the dataset's types only "
-                   "when writing: a mismatch fails the whole job (even with on_error='skip') with a message "
-                   "that does not name the shard; fix described in RELIABILITY.md / the issue 7 report")
 def test_a_kept_column_of_another_type_is_a_shard_error(tmp_path, local_ray):
     src = tmp_path / "in"
     src.mkdir()
@@ -391,9 +388,6 @@ def test_a_kept_column_of_another_type_is_a_shard_error(tmp_path, local_ray):
     assert list(summary.shards_failed) == [str(src / "b.parquet")] and summary.rows_written == 2
 
 
-@pytest.mark.xfail(strict=True, reason="pipelines/embed_plan.py does not validate --id-column values: duplicate "
-                   "ids are written (the dataset then cannot be searched: ids must be unique), nulls and "
-                   "strings fail without naming the shard; fix described in the issue 7 report")
 @pytest.mark.parametrize("ids", [[1, 1, 2], [1, None, 3], ["a", "b", "c"], [-1, 5, 6]])
 def test_a_bad_id_column_is_a_shard_error(tmp_path, local_ray, ids):
     src = tmp_path / "in"
