@@ -130,7 +130,7 @@ def test_queries_during_reindex_never_fail_or_mix_versions(tmp_path):
             try:
                 corpus = Corpus.open(out)
                 table = corpus.search(query, k=5)
-                results.append((corpus.manifest.version, set(table["id"].to_pylist())))
+                results.append((corpus.manifest.dataset_version, set(table["id"].to_pylist())))
             except Exception as exc:  # noqa: BLE001 — any error is a failure of the test
                 errors.append(repr(exc))
 
@@ -151,11 +151,10 @@ def test_queries_during_reindex_never_fail_or_mix_versions(tmp_path):
     assert not errors, errors[:3]
     assert len({v for v, _ in results}) >= 2, "readers never saw a swap; make the test longer"
     by_version = {}
-    for version, ids in results:
-        dataset_version = read_manifest(default_index_uri(out), version).dataset_version
-        allowed = by_version.setdefault(version, set(
+    for dataset_version, ids in results:
+        allowed = by_version.setdefault(dataset_version, set(
             lance.dataset(out, version=dataset_version).to_table(columns=["id"])["id"].to_pylist()))
-        assert ids <= allowed, f"index {version} returned rows of another dataset version"
+        assert ids <= allowed, f"an index built on dataset version {dataset_version} returned other rows"
     assert not old_ids & set(ids_of(out).tolist())  # shard a's rows are gone in the end
 
 
