@@ -307,7 +307,7 @@ class Corpus:
         positions = self._positions(ids)
         tier = self._tier(dim)
         if tier is not None:
-            return gather(tier, positions)
+            return gather(tier, positions, scratch=True)
         out = np.full((len(ids), dim), np.nan, dtype=np.float32)
         valid = positions >= 0
         unique, inverse = np.unique(positions[valid], return_inverse=True)
