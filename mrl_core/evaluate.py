@@ -420,3 +420,42 @@ def format_per_dim(rows: Mapping[str, Mapping[int, float]], digits: int = 3) -> 
         cells = [f"{r[m]:.{digits}f}" if m in r else "" for m in dims]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# funnel retrieval against full-dim retrieval
+
+
+def funnel_vs_exact(
+    corpus_by_dim: Mapping[int, np.ndarray],
+    queries_by_dim: Mapping[int, np.ndarray],
+    schedules: Mapping[str, object],
+    k: int = 10,
+    query_labels: np.ndarray | None = None,
+    corpus_labels: np.ndarray | None = None,
+) -> dict[str, dict[str, float]]:
+    """Exact full-dim search and each funnel schedule (``FunnelSchedule`` or its string) over
+    in-memory prefixes: recall@k counting ties against the exact search, the re-rank cost, and
+    with labels the label metrics (``label_retrieval_metrics``) of both.
+
+    ``corpus_by_dim[d]`` / ``queries_by_dim[d]``: each stored prefix, normalised; tier 0 is exact.
+    """
+    from mrl_core.funnel import Calibration, FunnelSchedule, funnel_search
+
+    cal = Calibration(corpus_by_dim, np.arange(len(corpus_by_dim[max(corpus_by_dim)])),
+                      queries_by_dim, k=k)
+    full = cal.full
+    _, exact_ids = exact_search(cal.queries[full], np.asarray(cal.vectors[full], dtype=np.float32), k)
+    rows: dict[str, dict[str, float]] = {f"exact {full}": {"recall@k vs exact": 1.0, "rerank values/query": 0}}
+    found = {f"exact {full}": exact_ids}
+    for name, schedule in schedules.items():
+        sched = schedule if isinstance(schedule, FunnelSchedule) else FunnelSchedule.parse(str(schedule))
+        _, keys = funnel_search(sched, cal.queries, k, cal.flat_tier0(sched.dims[0]), cal.fetch)
+        found[name] = keys
+        scores = scores_of(cal.queries[full], np.asarray(cal.vectors[full], dtype=np.float32), keys)
+        rows[name] = {"recall@k vs exact": recall_at_k_with_ties(scores, cal.exact_scores, k),
+                      "rerank values/query": sched.rerank_cost(k)}
+    if query_labels is not None and corpus_labels is not None:
+        for name, ids in found.items():
+            rows[name].update(label_retrieval_metrics(ids, query_labels, corpus_labels, k))
+    return rows

@@ -1,0 +1,371 @@
+"""Training: losses fall, MRL beats truncation at low dims, checkpoints resume to the same state,
+and the CLI trains text (token bag, transformer) and image (WebDataset, Parquet) models whose
+exports load through ``get_encoder``; one short Ray Train run."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
+
+from mrl_core.encoders import get_encoder
+from mrl_core.evaluate import linear_probe_accuracy
+from mrl_core.training import (
+    ClassifierObjective,
+    FitConfig,
+    NestedClassifier,
+    Runner,
+    fit,
+    latest_checkpoint,
+    predict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipelines.train import build_parser, main  # noqa: E402
+
+QUIET = Runner(log=lambda msg: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops run far faster on one thread than on several contending for busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# a synthetic vector task and a linear encoder
+
+
+class Linear(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim_in, dim_out)
+        self.out_dim = dim_out
+
+    def forward(self, batch):
+        return self.lin(batch["x"])
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def collate(rows):
+    return {"x": torch.stack([r[0] for r in rows]), "labels": torch.stack([r[1] for r in rows])}
+
+
+def gaussian_task(n=1200, dim=32, classes=8, seed=0):
+    """Classes separated along 4 input directions; the other 28 carry louder noise, so a random
+    2-dim projection sees little of the signal while a learnt one sees most of it."""
+    rng = np.random.default_rng(seed)
+    means = np.zeros((classes, dim))
+    means[:, :4] = rng.standard_normal((classes, 4)) * 2.0
+    y = rng.integers(0, classes, n)
+    noise = rng.standard_normal((n, dim)) * np.r_[np.full(4, 0.5), np.full(dim - 4, 2.0)]
+    return (means[y] + noise).astype(np.float32), y
+
+
+def classifier(dims, dim=32, classes=8, seed=0):
+    torch.manual_seed(seed)
+    return NestedClassifier(Linear(dim, dim), dims, classes)
+
+
+def test_losses_decrease_on_a_toy_problem(tmp_path):
+    x, y = gaussian_task(n=800)
+    model = classifier([4, 8, 32], classes=8)
+    cfg = FitConfig(epochs=3, batch_size=64, lr=1e-2, log_every=0)
+    hist = fit(ClassifierObjective(model), Rows(x, y), collate, cfg, tmp_path, QUIET)
+    first, last = hist[0]["loss_per_dim"], hist[-1]["loss_per_dim"]
+    assert all(last[m] < first[m] for m in first), (first, last)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l_)["epoch"] for l_ in lines] == [1, 2, 3]
+    assert set(json.loads(lines[0])["loss_per_dim"]) == {"4", "8", "32"}
+
+
+def test_mrl_beats_truncation_of_an_untrained_order_at_low_dims(tmp_path):
+    x, y = gaussian_task()
+    xtr, ytr, xte, yte = x[:1000], y[:1000], x[1000:], y[1000:]
+    cfg = FitConfig(epochs=8, batch_size=50, lr=1e-2, log_every=0)
+    mrl = classifier([2, 4, 8, 16, 32])
+    fit(ClassifierObjective(mrl), Rows(xtr, ytr), collate, cfg, tmp_path / "mrl", QUIET)
+    plain = classifier([32])
+    fit(ClassifierObjective(plain), Rows(xtr, ytr), collate, cfg, tmp_path / "ff", QUIET)
+    _, mrl_logits, _ = predict(mrl, Rows(xte, yte), collate)
+    z_tr, _, _ = predict(plain, Rows(xtr, ytr), collate)
+    z_te, plain_logits, _ = predict(plain, Rows(xte, yte), collate)
+    full_plain = np.mean(plain_logits[0].argmax(1) == yte)
+    for i, m in enumerate([2, 4]):
+        mrl_acc = np.mean(mrl_logits[i].argmax(1) == yte)
+        trunc_acc = linear_probe_accuracy(z_tr[:, :m], ytr, z_te[:, :m], yte)
+        assert mrl_acc > trunc_acc + 0.1, (m, mrl_acc, trunc_acc)
+    # and at the full dim MRL costs little
+    assert np.mean(mrl_logits[-1].argmax(1) == yte) > full_plain - 0.05
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_checkpoints_resume_to_the_same_state(tmp_path):
+    x, y = gaussian_task(n=600)
+    cfg = FitConfig(epochs=3, batch_size=64, lr=1e-2, log_every=0, seed=7)
+
+    straight = classifier([4, 32], seed=1)
+    fit(ClassifierObjective(straight), Rows(x, y), collate, cfg, tmp_path / "a", QUIET)
+
+    def stop_after_first(metrics, path):
+        if metrics["epoch"] == 1:
+            raise Interrupt
+
+    interrupted = classifier([4, 32], seed=1)
+    runner = Runner(report=stop_after_first, log=lambda m: None)
+    with pytest.raises(Interrupt):
+        fit(ClassifierObjective(interrupted), Rows(x, y), collate, cfg, tmp_path / "b", runner)
+    assert latest_checkpoint(tmp_path / "b").name == "epoch-0001"
+
+    resumed = classifier([4, 32], seed=99)  # a fresh model: everything comes from the checkpoint
+    logs = []
+    hist = fit(ClassifierObjective(resumed), Rows(x, y), collate, cfg, tmp_path / "b",
+               Runner(log=logs.append))
+    assert any("resumed" in m for m in logs)
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert latest_checkpoint(tmp_path / "b").name == "epoch-0003"
+
+
+# ---------------------------------------------------------------------------------------------
+# text through the CLI
+
+
+def make_static_dir(path: Path, dim: int = 16, vocab: int = 60, seed: int = 0) -> Path:
+    words = {f"w{i}": i for i in range(vocab)}
+    words["[UNK]"] = vocab
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    table = np.random.default_rng(seed).standard_normal((vocab + 1, dim)).astype(np.float32)
+    save_file({"embeddings": table}, str(path / "model.safetensors"))
+    return path
+
+
+def text_task(path: Path, n: int = 400, seed: int = 0) -> Path:
+    """Four topics: a text is 6 words from its topic's 10 plus 4 from 20 shared ones."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    texts = [
+        " ".join(f"w{w}" for w in np.r_[rng.integers(10 * c, 10 * c + 10, 6), rng.integers(40, 60, 4)])
+        for c in labels
+    ]
+    pq.write_table(pa.table({"text": texts, "section": [f"topic{c}" for c in labels]}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def texts_parquet(tmp_path_factory):
+    return text_task(tmp_path_factory.mktemp("text") / "texts.parquet")
+
+
+@pytest.fixture(scope="module")
+def static_dir(tmp_path_factory):
+    return make_static_dir(tmp_path_factory.mktemp("static") / "base")
+
+
+def test_cli_help_documents_every_option():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    for name, p in sub.choices.items():
+        undocumented = [a.option_strings for a in p._actions if a.option_strings and not a.help]
+        assert not undocumented, (name, undocumented)
+        p.format_help()
+
+
+def test_cli_local_bag_classifier_trains_evaluates_and_exports(tmp_path, texts_parquet, static_dir):
+    out = tmp_path / "run"
+    args = ["classify", "--data", str(texts_parquet), "--label-column", "section",
+            "--init", f"static:{static_dir}", "--dims", "4,8,16", "--epochs", "3",
+            "--batch-size", "32", "--lr", "0.02", "--out", str(out), "--local", "--log-every", "0"]
+    assert main(args) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["head_accuracy"]) == {"4", "8", "16"}
+    assert ev["head_accuracy"]["16"] > 0.8
+    assert ev["knn1_accuracy"]["16"] > 0.6
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+    # the export is a static encoder whose embedding is the trained model's
+    enc = get_encoder(f"static:{out / 'export'}")
+    assert enc.nesting.dims == (4, 8, 16)
+    labels = json.loads((out / "export" / "heads" / "labels.json").read_text())
+    assert labels["labels"] == ["topic0", "topic1", "topic2", "topic3"]
+
+    # re-running the finished command resumes and trains nothing more
+    assert main(args) == 0
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_cli_local_bag_with_projection_mrl_e_and_sparse_table(tmp_path, texts_parquet, static_dir):
+    out = tmp_path / "run"
+    main(["classify", "--data", str(texts_parquet), "--label-column", "section",
+          "--init", f"static:{static_dir}", "--embed-dim", "8", "--dims", "2,4", "--efficient",
+          "--sparse-table", "--epochs", "3", "--batch-size", "32", "--lr", "0.02",
+          "--out", str(out), "--local", "--log-every", "0"])
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["dims"] == [2, 4, 8]
+    assert ev["head_accuracy"]["8"] > 0.6
+    enc = get_encoder(f"static:{out / 'export'}")
+    assert enc.dim == 8
+
+
+def _tiny_bert(path: Path, texts: list[str]) -> Path:
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import normalizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    transformers.BertTokenizerFast(tokenizer_object=tok, model_max_length=32).save_pretrained(path)
+    config = transformers.BertConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+def test_cli_local_transformer_classifier_exports_an_hf_encoder(tmp_path, texts_parquet):
+    texts = pq.read_table(texts_parquet).column("text").to_pylist()
+    bert = _tiny_bert(tmp_path / "bert", texts)
+    out = tmp_path / "run"
+    main(["classify", "--data", str(texts_parquet), "--label-column", "section",
+          "--encoder", f"hf:{bert}", "--dims", "4,16", "--epochs", "1", "--batch-size", "32",
+          "--max-rows", "200", "--out", str(out), "--local", "--log-every", "0"])
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["head_accuracy"]) == {"4", "16"}
+    enc = get_encoder(f"hf:{out / 'export'}", device="cpu", nesting=[4])
+    assert enc.encode(["w1 w2 w3"]).shape == (1, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+
+
+def _png(color) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (36, 36), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = i % 2
+        base = np.array([200, 30, 30]) if label == 0 else np.array([30, 30, 200])
+        yield f"s{i:04d}", _png(tuple(int(v) for v in base + rng.integers(-20, 20, 3))), label
+
+
+def _tar(path: Path, samples) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for key, png, label in samples:
+            for ext, data in (("png", png), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_cli_local_images_from_webdataset_shards(tmp_path):
+    pytest.importorskip("torchvision")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = list(_samples(24))
+    for s in range(3):
+        _tar(shards / f"shard-{s:03d}.tar", samples[s * 8 : (s + 1) * 8])
+    out = tmp_path / "run"
+    main(["classify", "--modality", "image", "--data", str(shards / "shard-{000..002}.tar"),
+          "--encoder", "torchvision:resnet18", "--image-size", "32", "--dims", "8,64,512",
+          "--epochs", "1", "--batch-size", "8", "--out", str(out), "--local", "--log-every", "0"])
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["head_accuracy"]) == {"8", "64", "512"}  # the last shard is the validation set
+    state = torch.load(out / "export" / "model.pt", weights_only=True)
+    assert "fc.nesting_classifier_0.weight" in state and "conv1.weight" in state
+
+
+def test_cli_local_resnet50_from_parquet_loads_as_mrl_resnet50(tmp_path):
+    pytest.importorskip("torchvision")
+    rows = list(_samples(12))
+    data = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"image": [r[1] for r in rows], "label": [r[2] for r in rows]}), data)
+    out = tmp_path / "run"
+    main(["classify", "--modality", "image", "--data", str(data), "--image-size", "32",
+          "--dims", "8,2048", "--epochs", "1", "--batch-size", "6", "--val-fraction", "0.25",
+          "--knn-rows", "0", "--out", str(out), "--local", "--log-every", "0"])
+    enc = get_encoder(f"mrl-resnet50:{out / 'export' / 'model.pt'}", device="cpu")
+    assert enc.dim == 2048 and enc.nesting.dims == (8, 2048)
+
+
+# ---------------------------------------------------------------------------------------------
+# the adaptor through the CLI, and Ray Train
+
+
+def test_cli_local_adaptor_round_trips_through_get_encoder(tmp_path, static_dir):
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{w}" for w in rng.integers(0, 60, 5)) for _ in range(700)]
+    data = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"summary": texts}), data)
+    out = tmp_path / "ad"
+    main(["adaptor", "--base", f"static:{static_dir}", "--data", str(data),
+          "--text-column", "summary", "--dims", "4,8", "--holdout", "100", "--neighbours", "8",
+          "--epochs", "2", "--batch-size", "128", "--out", str(out), "--local", "--log-every", "0"])
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["recall@10"]) == {"raw", "pca", "adaptor"}
+    enc = get_encoder(f"adaptor:{out / 'adaptor'}")
+    assert enc.nesting.dims == (4, 8, 16)
+    base = get_encoder(f"static:{static_dir}")
+    y, x = enc.encode(texts[:5]), base.encode(texts[:5])
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    np.testing.assert_allclose(y @ y.T, xn @ xn.T, atol=1e-4)  # orthogonal: same geometry
+
+
+def test_ray_train_one_cpu_worker(tmp_path, texts_parquet, static_dir):
+    out = tmp_path / "ray-run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "train.py"), "classify",
+         "--data", str(texts_parquet), "--label-column", "section",
+         "--init", f"static:{static_dir}", "--dims", "4,16", "--epochs", "2",
+         "--batch-size", "32", "--out", str(out), "--num-workers", "1", "--log-every", "0"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert latest_checkpoint(out).name == "epoch-0002"
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["head_accuracy"]) == {"4", "16"}
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
