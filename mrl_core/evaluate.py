@@ -101,17 +101,19 @@ def prefix_recall(
     dims: Sequence[int],
     k: int = 10,
     reference: tuple[np.ndarray, np.ndarray] | None = None,
+    exact_scores: np.ndarray | None = None,
 ) -> dict[int, float]:
     """Recall@k, counting ties, of each prefix searched alone against full-dim exact search.
 
     ``queries``/``corpus`` hold the embedding to score the prefixes of; the reference is exact
     search over their full dims unless ``reference`` = (base queries, base corpus) is given, as
     when the prefixes come from an adaptor and the truth from the base model it adapts.
+    ``exact_scores`` [Q, >=k]: the reference's exact top scores when already computed.
     """
     ref_q, ref_c = reference if reference is not None else (queries, corpus)
     ref_q = l2_normalize(np.asarray(ref_q, dtype=np.float32))
     ref_c = l2_normalize(np.asarray(ref_c, dtype=np.float32))
-    exact, _ = exact_search(ref_q, ref_c, k)
+    exact = exact_scores if exact_scores is not None else exact_search(ref_q, ref_c, k)[0]
     out = {}
     for m in dims:
         _, ids = prefix_search(queries, corpus, m, k)

@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import fsspec
@@ -286,3 +286,14 @@ def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
         k: (redact_url(v) if any(s in k.lower() for s in visible) else "***")
         for k, v in (options or {}).items()
     }
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings (repeated ``--storage-option`` flags) as a dict."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out

@@ -30,7 +30,7 @@ import ray
 from mrl_core.encoders import DEFAULT_ENCODER, get_encoder
 from mrl_core.ledger import CommitLog, clear_uncommitted
 from mrl_core.nesting import NestingSpec
-from mrl_core.objectstore import redact
+from mrl_core.objectstore import parse_options, redact
 from mrl_core.progress import Progress
 from mrl_core.sources import DEFAULT_MAX_RECORD_BYTES, Shard, list_shards
 from mrl_core.storage import (
@@ -316,17 +316,6 @@ def default_corpus(data_dir: Path = DEFAULT_DATA_DIR) -> str:
     shards = gather(out)
     print(f"  {len(shards)} shard(s): {(out / '_SUCCESS').read_text().strip()}", flush=True)
     return str(out)
-
-
-def parse_options(pairs: Sequence[str]) -> dict[str, str]:
-    """``KEY=VALUE`` strings as a dict."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

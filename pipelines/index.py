@@ -15,18 +15,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mrl_core.objectstore import parse_options
+
 DEFAULT_SHORTLISTS = (100, 200, 500, 1000, 2000)  # mrl_core.funnel.DEFAULT_SHORTLISTS, kept import-free
-
-
-def parse_options(pairs: Sequence[str]) -> dict[str, str]:
-    """``KEY=VALUE`` strings as a dict."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
 
 
 def parse_ints(text: str) -> list[int]:

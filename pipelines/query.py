@@ -11,18 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mrl_core.objectstore import parse_options
+
 DEFAULT_HIDDEN = ("id", "shard")
-
-
-def parse_options(pairs: Sequence[str]) -> dict[str, str]:
-    """``KEY=VALUE`` strings as a dict."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

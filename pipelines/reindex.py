@@ -29,9 +29,10 @@ from mrl_core.index import (
     rows_signature,
 )
 from mrl_core.index_update import ids_of_shards, sync_version_tags, update_index
+from mrl_core.objectstore import parse_options
 from mrl_core.sources import list_shards
 from mrl_core.storage import delete_shards, ledger_updates, read_ledger, try_open
-from pipelines.embed import EmbedConfig, EmbedError, parse_options, run_embed
+from pipelines.embed import EmbedConfig, EmbedError, run_embed
 
 
 @dataclass
