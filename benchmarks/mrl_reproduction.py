@@ -51,6 +51,7 @@ from mrl_core.evaluate import (
     calibrate_cascade,
     cascade_evaluate,
     cascade_frontier,
+    exact_search,
     format_per_dim,
     funnel_vs_exact,
     knn_accuracy,
@@ -319,14 +320,24 @@ def auto_schedule(cal: Calibration, shortlists=DEFAULT_SHORTLISTS, time_it: bool
     kept. Returns (chosen trial, {tier-0 dim: cheapest trial}, the raised target)."""
     q = len(cal.exact_scores)
     required = min(1.0, TARGET + float(np.sqrt(TARGET * (1 - TARGET) / (q * cal.k))))
-    hits = cheapest_hits(cal.trials(required, shortlists), required)
+    hits = cheapest_hits(cal.trials(required, shortlists, tier0=flat_tier0(cal)), required)
     cands = [t for d, t in hits.items() if d != cal.full] or list(hits.values())
     cands = cands[:2]
     if time_it and len(cands) > 1:
         for t in cands:
-            t.seconds = cal.seconds(t.schedule, repeats=1)
+            t.seconds = cal.seconds(t.schedule, flat_tier0(cal), repeats=1)
     chosen = pick(cands, required) if cands else None
     return chosen, hits, required
+
+
+def flat_tier0(cal: Calibration) -> Callable[[int, np.ndarray, int], np.ndarray]:
+    """An exact tier 0 over the calibration's prefixes by torch matmul + top-k (FAISS's flat
+    search slows down badly for shortlists in the thousands)."""
+
+    def search(dim: int, queries: np.ndarray, n: int) -> np.ndarray:
+        return exact_search(queries, np.asarray(cal.vectors[dim], dtype=np.float32), n)[1]
+
+    return search
 
 
 def funnel_study(corpus: np.ndarray, queries: np.ndarray, transform: Callable[[np.ndarray], np.ndarray],
@@ -344,14 +355,14 @@ def funnel_study(corpus: np.ndarray, queries: np.ndarray, transform: Callable[[n
                       _prefix_dict(transform(queries), dims), k=10)
     del vecs
     paper = paper_schedule(dims)
-    out: dict[str, Any] = {"paper_schedule": str(paper), "paper_recall": cal.recall(paper)}
+    out: dict[str, Any] = {"paper_schedule": str(paper), "paper_recall": cal.recall(paper, flat_tier0(cal))}
     if not full:
         return out
     chosen, hits, required = auto_schedule(cal)
     grid: dict[str, dict[str, float]] = {}
     sizes = (*DEFAULT_SHORTLISTS, 5000)
     for d0 in (64, 128):
-        mats = cal.score_matrices(cal.tier0_keys(d0, max(sizes)))
+        mats = cal.score_matrices(cal.tier0_keys(d0, max(sizes), flat_tier0(cal)))
         grid[str(d0)] = {str(s): cal.recall_of(FunnelSchedule((d0, dims[-1]), (s,)), mats) for s in sizes}
     out.update(
         required=required,
@@ -402,12 +413,14 @@ def run_pypi(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     log("pypi: per-prefix recall@10 against exact 256-dim search")
     ref = (queries, corpus)
+    exact, _ = exact_search(queries, corpus, 10)
 
     def recall(transform: Callable[[np.ndarray], np.ndarray]) -> dict[int, float]:
-        return prefix_recall(transform(queries), _chunked(transform, corpus), eval_dims, reference=ref)
+        return prefix_recall(transform(queries), _chunked(transform, corpus), eval_dims, reference=ref,
+                             exact_scores=exact)
 
     recalls = {
-        "raw prefixes": prefix_recall(queries, corpus, eval_dims),
+        "raw prefixes": recall(lambda a: a),
         "PCA": recall(lambda a: a @ pca),
         "adaptor": recall(lambda a: embed_with(adaptor, a)),
         "rotated: raw prefixes": recall(lambda a: a @ rotation),
@@ -739,8 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-apt-update", action="store_true", help="never run apt-get update")
     p.add_argument("--epochs", type=int, default=4, help="Debian models: epochs each (default 4)")
     p.add_argument("--lr", type=float, default=4e-3, help="Debian models: learning rate (default 4e-3)")
-    p.add_argument("--probe-rows", type=int, default=20000, help="linear-probe training rows (default 20000)")
-    p.add_argument("--probe-iters", type=int, default=100, help="linear-probe L-BFGS iterations (default 100)")
+    p.add_argument("--probe-rows", type=int, default=50000, help="linear-probe training rows (default 50000)")
+    p.add_argument("--probe-iters", type=int, default=300, help="linear-probe L-BFGS iterations (default 300)")
     p.add_argument("--queries", type=int, default=2000, help="PyPI held-out queries (default 2000)")
     p.add_argument("--adaptor-rows", type=int, default=100_000, help="adaptor training rows (default 100000)")
     p.add_argument("--adaptor-epochs", type=int, default=2, help="adaptor epochs (default 2)")
@@ -753,7 +766,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="small samples: a smoke run of every step")
     p.add_argument("--quick-corpus", type=int, default=100_000, help=argparse.SUPPRESS)
+    p.add_argument("--render-only", action="store_true",
+                   help="re-render the report and plots from an existing mrl_reproduction.json")
     args = p.parse_args(argv)
+    if args.render_only:
+        results = json.loads((args.out / "mrl_reproduction.json").read_text())
+        results["findings"] = findings(results)
+        _dump(results, args.out)
+        plots(results, args.out)
+        write_report(results, args.out, results.get("command", "python benchmarks/mrl_reproduction.py"))
+        print("\n".join(results["findings"]))
+        return 0
     if args.quick:
         args.epochs, args.adaptor_rows, args.adaptor_epochs = 1, 20000, 1
         args.probe_rows, args.probe_iters, args.queries = 5000, 30, 500
@@ -778,11 +801,12 @@ def main(argv: list[str] | None = None) -> int:
         results["pypi"] = run_pypi(args, args.work_dir)
         results["pypi"]["seconds"] = time.perf_counter() - t
     results["seconds"] = time.perf_counter() - started
+    shown = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    results["command"] = f"python benchmarks/mrl_reproduction.py {shown}".strip()
     results["findings"] = findings(results)
     _dump(results, args.out)
     plots(results, args.out)
-    shown = " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-    report = write_report(results, args.out, f"python benchmarks/mrl_reproduction.py {shown}".strip())
+    report = write_report(results, args.out, results["command"])
     log(f"wrote {report}")
     print("\n".join(results["findings"]))
     return 0
