@@ -203,11 +203,10 @@ def run_debian(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         torch.manual_seed(0)
         enc = TokenBagEncoder(table.shape[0], table.shape[1], out_dim, table, sparse=True)
         model = NestedClassifier(enc, dims, len(names), efficient=efficient)
-        started = time.perf_counter()
         log(f"debian: training {name}")
-        fit(ClassifierObjective(model), ds["train"], collate_bag, cfg, work / "debian" / name, quiet)
+        history = fit(ClassifierObjective(model), ds["train"], collate_bag, cfg, work / "debian" / name, quiet)
         outputs = {part: predict(model, ds[part], collate_bag) for part in ("train", "val", "test")}
-        return outputs, time.perf_counter() - started
+        return outputs, sum(h["seconds"] for h in history)  # epochs resumed from a checkpoint included
 
     dims = DIMS
     runs: dict[str, Any] = {}
@@ -384,8 +383,12 @@ def run_pypi(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         corpus = corpus[: args.quick_corpus]
     log(f"pypi: {len(queries)} queries, {len(corpus)} corpus rows, {len(sample)} adaptor training rows")
     eval_dims = ADAPTOR_DIMS[:-1]
-    cfg = FitConfig(epochs=args.adaptor_epochs, batch_size=512, lr=args.adaptor_lr, cosine=False,
+    cfg = FitConfig(epochs=args.adaptor_epochs, batch_size=512, lr=args.adaptor_lr, cosine=True,
                     log_every=100, seed=0)
+    weights = [float(w) for w in args.adaptor_weights.split(",")]
+    loss = {"temperature": args.adaptor_temperature, "weights": weights}
+    # checkpoints resume only a run with the same settings
+    tag = f"e{args.adaptor_epochs}-lr{args.adaptor_lr:g}-t{args.adaptor_temperature:g}-w{'_'.join(f'{w:g}' for w in weights)}"
     runner = Runner(log=lambda m: log("  " + m))
     knn_file = work / f"pypi_knn_{len(sample)}_{args.neighbours}.npy"
     if knn_file.is_file():
@@ -397,17 +400,15 @@ def run_pypi(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         knn = mine_neighbours(sample, args.neighbours)
         np.save(knn_file, knn)
     timings = {}
-    started = time.perf_counter()
-    adaptor, hist = train_adaptor(sample, ADAPTOR_DIMS, cfg, work / "pypi" / "adaptor", neighbours=args.neighbours,
-                                  knn=knn, runner=runner)
-    timings["adaptor (PCA init)"] = time.perf_counter() - started
+    adaptor, hist = train_adaptor(sample, ADAPTOR_DIMS, cfg, work / "pypi" / f"adaptor-{tag}", neighbours=args.neighbours,
+                                  knn=knn, runner=runner, **loss)
+    timings["adaptor (PCA init)"] = sum(h["seconds"] for h in hist)
     pca = pca_rotation(sample)
     rotation = random_rotation(x_dim := sample.shape[1], seed=123)
-    started = time.perf_counter()
     rot_cfg = FitConfig(**{**cfg.__dict__, "lr": args.identity_lr})
-    rot_adaptor, rot_hist = train_adaptor(sample @ rotation, ADAPTOR_DIMS, rot_cfg, work / "pypi" / "adaptor-rotated-identity",
-                                          neighbours=args.neighbours, knn=knn, init="identity", runner=runner)
-    timings["adaptor on rotated (identity init)"] = time.perf_counter() - started
+    rot_adaptor, rot_hist = train_adaptor(sample @ rotation, ADAPTOR_DIMS, rot_cfg, work / "pypi" / f"adaptor-rotated-identity-{tag}-ilr{args.identity_lr:g}",
+                                          neighbours=args.neighbours, knn=knn, init="identity", runner=runner, **loss)
+    timings["adaptor on rotated (identity init)"] = sum(h["seconds"] for h in rot_hist)
     rot_pca = pca_rotation(sample @ rotation)
     del x_dim
 
@@ -442,6 +443,8 @@ def run_pypi(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "train_seconds": timings,
         "epochs": args.adaptor_epochs,
         "neighbours": args.neighbours,
+        "loss_weights": dict(zip(map(str, ADAPTOR_DIMS), weights)),
+        "temperature": args.adaptor_temperature,
     }
 
 
@@ -465,7 +468,8 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for name, vals in series.items():
             ms = sorted(int(m) for m in vals)
-            ax.plot(ms, [vals[m if m in vals else str(m)] for m in ms], marker="o", label=name)
+            style = "--" if name.startswith("rotated") else "-"
+            ax.plot(ms, [vals[m if m in vals else str(m)] for m in ms], style, marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("representation size (dims)")
         ax.set_ylabel(ylabel)
@@ -531,7 +535,8 @@ def _table(rows: dict[str, dict], digits: int = 3) -> str:
 def _kv_table(rows: dict[str, dict[str, Any]], cols: list[str]) -> str:
     lines = ["| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, r in rows.items():
-        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        cells = [(f"{r[c]:,.0f}" if c == "queries_per_second" else f"{r[c]:.3f}") if isinstance(r.get(c), float)
+                 else str(r.get(c, "")) for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -608,7 +613,12 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
             "counts ties, against the base model's exact 256-dim search. The adaptor: an orthogonal "
             "256x256 map (so full-dim neighbours are exactly the base's), initialised from PCA, trained "
             f"{pypi['epochs']} epochs on {rows['adaptor_train']} corpus rows with the neighbourhood "
-            f"loss (each row's {pypi['neighbours']} exact neighbours plus the batch as candidates).",
+            f"loss (each row's {pypi['neighbours']} exact neighbours plus the batch as candidates"
+            + (f"; teacher temperature {pypi['temperature']}, weight per dim "
+               + ", ".join(f"{m}: {w:g}" for m, w in pypi["loss_weights"].items()) if "loss_weights" in pypi else "")
+            + ", cosine learning-rate decay). The weights favour the dims a funnel's tier 0 would use; "
+            "the full dim's weight is 0 because an orthogonal map keeps it exact anyway. Training "
+            "seconds: " + ", ".join(f"{n}: {v:.0f}" for n, v in pypi.get("train_seconds", {}).items()) + ".",
             "",
             "### Each prefix alone",
             "",
@@ -622,7 +632,10 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
         lines += [
             f"Targets as `build_index(funnel=\"auto\")` sets them: recall@10 {TARGET} raised by one "
             "standard error of the estimate over the queries; tier 0 flat (exact) here, in memory. "
-            "Tier-0 bytes per row: the float16 prefix a flat tier 0 holds.",
+            "Tier-0 bytes per row: the float16 prefix a flat tier 0 holds. `funnel=\"auto\"` times the "
+            "two lowest tier-0 dims that reach the target (queries/s on this machine, flat tier 0, "
+            "batched) and keeps the faster; `build_index(tier0_dim=64)` (`pipelines/index.py "
+            "--tier0-dim 64`) pins the smaller tier 0 instead.",
             "",
         ]
         for name, study in pypi["funnel"].items():
@@ -638,7 +651,7 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
                 f"{study['required']:.4f}:",
                 "",
                 _kv_table({f"tier 0 = {d}": v for d, v in study["cheapest_per_tier0"].items()},
-                          ["schedule", "recall", "rerank_values", "tier0_bytes_per_row"]),
+                          ["schedule", "recall", "rerank_values", "tier0_bytes_per_row", "queries_per_second"]),
                 "",
             ]
         grid_rows = {f"{name}, tier 0 = {d0}": {int(k): v for k, v in g.items()}
@@ -724,6 +737,20 @@ def findings(results: dict[str, Any]) -> list[str]:
             + ". The paper's schedule reaches "
             + "; ".join(f"{n}: {s['paper_recall']:.3f}" for n, s in f.items()) + "."
         )
+
+        def lowest(study):
+            dims = sorted(int(d) for d in study["cheapest_per_tier0"])
+            d = dims[0]
+            return d, study["cheapest_per_tier0"][str(d)]
+
+        out.append(
+            f"- Lowest tier-0 dim reaching the calibrated target ({next(iter(full.values()))['required']:.4f}) "
+            f"with a shortlist of at most {max(DEFAULT_SHORTLISTS)}: "
+            + "; ".join(f"{n}: {lowest(s)[0]} dims (`{lowest(s)[1]['schedule']}`, recall {lowest(s)[1]['recall']:.4f}, "
+                        f"{lowest(s)[1]['recall'] - s['required']:+.4f} over the target, "
+                        f"{lowest(s)[1]['tier0_bytes_per_row']} tier-0 bytes/row)" for n, s in full.items())
+            + "."
+        )
     return out
 
 
@@ -756,7 +783,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-iters", type=int, default=300, help="linear-probe L-BFGS iterations (default 300)")
     p.add_argument("--queries", type=int, default=2000, help="PyPI held-out queries (default 2000)")
     p.add_argument("--adaptor-rows", type=int, default=100_000, help="adaptor training rows (default 100000)")
-    p.add_argument("--adaptor-epochs", type=int, default=2, help="adaptor epochs (default 2)")
+    p.add_argument("--adaptor-epochs", type=int, default=12, help="adaptor epochs (default 12)")
+    p.add_argument("--adaptor-weights", default="0.1,0.25,4,1,0",
+                   help="adaptor loss weight per dim 16,32,64,128,256 (default 0.1,0.25,4,1,0)")
+    p.add_argument("--adaptor-temperature", type=float, default=0.05,
+                   help="adaptor teacher temperature (default 0.05)")
     p.add_argument("--adaptor-lr", type=float, default=3e-3, help="adaptor learning rate (default 3e-3)")
     p.add_argument("--identity-lr", type=float, default=1e-2,
                    help="learning rate of the adaptor trained from the identity (default 1e-2)")

@@ -302,21 +302,41 @@ def _tar(path: Path, samples) -> Path:
     return path
 
 
-def test_cli_local_images_from_webdataset_shards(tmp_path):
-    pytest.importorskip("torchvision")
+def _shards(tmp_path: Path, count: int, seed: int = 0) -> str:
+    """``count`` WebDataset shards of 8 labelled images each; their brace pattern."""
     shards = tmp_path / "shards"
     shards.mkdir()
-    samples = list(_samples(24))
-    for s in range(3):
+    samples = list(_samples(8 * count, seed))
+    for s in range(count):
         _tar(shards / f"shard-{s:03d}.tar", samples[s * 8 : (s + 1) * 8])
+    return str(shards / f"shard-{{000..{count - 1:03d}}}.tar")
+
+
+def test_cli_local_images_from_webdataset_shards(tmp_path):
+    pytest.importorskip("torchvision")
     out = tmp_path / "run"
-    main(["classify", "--modality", "image", "--data", str(shards / "shard-{000..002}.tar"),
+    main(["classify", "--modality", "image", "--data", _shards(tmp_path, 3),
           "--encoder", "torchvision:resnet18", "--image-size", "32", "--dims", "8,64,512",
           "--epochs", "1", "--batch-size", "8", "--out", str(out), "--local", "--log-every", "0"])
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["head_accuracy"]) == {"8", "64", "512"}  # the last shard is the validation set
     state = torch.load(out / "export" / "model.pt", weights_only=True)
     assert "fc.nesting_classifier_0.weight" in state and "conv1.weight" in state
+
+
+def test_cli_local_timm_backbone_trains_and_exports_its_weights(tmp_path):
+    timm = pytest.importorskip("timm")
+    out = tmp_path / "run"
+    main(["classify", "--modality", "image", "--data", _shards(tmp_path, 2, seed=1),
+          "--encoder", "timm:test_resnet", "--image-size", "32", "--dims", "8,32,96",
+          "--epochs", "1", "--batch-size", "8", "--out", str(out), "--local", "--log-every", "0"])
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["head_accuracy"]) == {"8", "32", "96"}  # 96: test_resnet's feature width
+    state = torch.load(out / "export" / "model.pt", weights_only=True)
+    heads = {k for k in state if k.startswith("fc.")}
+    assert heads == {f"fc.nesting_classifier_{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=0)
+    net.load_state_dict({k: v for k, v in state.items() if k not in heads}, strict=True)
 
 
 def test_cli_local_resnet50_from_parquet_loads_as_mrl_resnet50(tmp_path):
