@@ -52,17 +52,30 @@ DIMS = (16, 32, 64, 128, 256)
 EXTRA_SCHEDULES = ("paper", "64:200,256", "64:1000,256", "128:200,256")
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_corpus_args(p: argparse.ArgumentParser) -> None:
+    """The corpus, encoder and held-out queries (shared with tier0_sweep.py)."""
     p.add_argument("--data", default="/work/shared/data/pypi_summaries.parquet",
                    help="Parquet file with the texts to embed")
     p.add_argument("--text-column", default="summary", help="column holding the texts")
-    p.add_argument("--keep", default="name,summary", help="pass-through columns written to the dataset")
     p.add_argument("--work-dir", default="/tmp/mrl_bench", help="where embeddings, datasets and indexes go")
     p.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec")
     p.add_argument("--queries", type=int, default=2000, help="held-out rows used as queries")
     p.add_argument("--k", type=int, default=10, help="k of recall@k")
+
+
+def held_out(rows: int, queries: int) -> np.ndarray:
+    """Boolean mask of the corpus rows: all but ``queries`` held-out rows (a fixed draw)."""
+    held = np.random.default_rng(0).choice(rows, size=queries, replace=False)
+    mask = np.ones(rows, dtype=bool)
+    mask[held] = False
+    return mask
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_corpus_args(p)
+    p.add_argument("--keep", default="name,summary", help="pass-through columns written to the dataset")
     p.add_argument("--target-recall", type=float, default=0.99, help="calibration target of the funnel")
     p.add_argument("--batch", type=int, default=1024, help="queries per search batch, every method")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per method (best is reported)")
@@ -157,11 +170,8 @@ def main() -> None:
     keep = [c for c in args.keep.split(",") if c]
     table, emb, fingerprint = embed_corpus(args, work)
 
-    rng = np.random.default_rng(0)
-    held = np.sort(rng.choice(len(emb), size=args.queries, replace=False))
-    mask = np.ones(len(emb), dtype=bool)
-    mask[held] = False
-    queries = emb[held]
+    mask = held_out(len(emb), args.queries)
+    queries = emb[~mask]
     corpus_table, corpus_emb = table.filter(pa.array(mask)), emb[mask]
     name = "pypi"
     if args.synthetic_rows:
@@ -234,6 +244,15 @@ def main() -> None:
         results.append((label, r, nq / seconds, memory, "tier 0" if indexed else "tier-0 column"))
         if spec is None:
             funnel_recall, funnel_qps = r, nq / seconds
+            if indexed:  # where the time goes: the tier-0 search alone, without the re-rank
+                d0, n0 = schedule.steps(args.k)[0]
+                q0 = l2_normalize(np.ascontiguousarray(queries[:, :d0], dtype=np.float32))
+                def tier0_alone(q0=q0, n0=n0, nprobe=schedule.nprobe):
+                    return [corpus.index.search(q0[i : i + args.batch], n0, nprobe) for i in range(0, nq, args.batch)]
+
+                _, alone = timed(tier0_alone, args.repeats)
+                results.append((f"  of which tier 0 alone ({manifest.factory}, top {n0})", None, nq / alone,
+                                manifest.index_bytes, "no re-rank"))
 
     if not args.skip_lancedb:
         results += lancedb_peer(args, work, name, ids, full_vectors, q_full, exact_scores, rescored, funnel_recall)
@@ -252,7 +271,8 @@ def main() -> None:
     exact_qps = results[0][2]
     for label, r, qps, mem, note in results:
         mem_s = human_bytes(mem) if mem else "-"
-        print(f"{label:<58} {r:>9.4f} {qps:>10,.0f} {qps / exact_qps:>8.1f} {mem_s:>10} {note}")
+        r_s = "-" if r is None else f"{r:.4f}"
+        print(f"{label:<58} {r_s:>9} {qps:>10,.0f} {qps / exact_qps:>8.1f} {mem_s:>10} {note}")
     print()
     full_bytes = rows * full * 4
     print(f"tier-0 memory: {human_bytes(manifest.index_bytes)} = 1/{full_bytes / manifest.index_bytes:.1f} of "
@@ -296,11 +316,11 @@ def lancedb_peer(args, work, name, ids, full_vectors, q_full, exact_scores, resc
                 for i in range(0, nq, args.batch):
                     res = (tbl.search(list(q_full[i : i + args.batch]), vector_column_name="vector")
                            .distance_type("dot").nprobes(nprobes).refine_factor(refine)
-                           .limit(args.k).select(["id"]).to_arrow())
+                           .limit(args.k).select(["id", "_distance"]).to_arrow())
                     parts.append((i, res))
                 return parts
 
-            run_small = tbl.search(list(q_full[:4]), vector_column_name="vector").limit(args.k).select(["id"]).to_arrow()
+            run_small = tbl.search(list(q_full[:4]), vector_column_name="vector").limit(args.k).select(["id", "_distance"]).to_arrow()
             del run_small
             parts, seconds = timed(run, 1)
             found = np.full((nq, args.k), -1, dtype=np.int64)
