@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mrl_core.evaluate import exact_search
+from mrl_core.losses import dim_weights
 from mrl_core.nesting import NestingSpec, l2_normalize
 
 CONFIG_FILE = "adaptor.json"
@@ -52,7 +53,7 @@ class MatryoshkaAdaptor(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"adaptor kind must be one of {KINDS}, got {kind!r}")
-        self.nesting = nesting if isinstance(nesting, NestingSpec) else NestingSpec(tuple(nesting))
+        self.nesting = NestingSpec.of(nesting)
         if self.nesting.full_dim != dim:
             raise ValueError(f"nesting ends at {self.nesting.full_dim}, the adaptor's dim is {dim}")
         self.dim, self.kind, self.hidden = int(dim), kind, int(hidden)
@@ -132,14 +133,11 @@ class NeighbourhoodLoss(nn.Module):
         weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.nesting = nesting if isinstance(nesting, NestingSpec) else NestingSpec(tuple(nesting))
+        self.nesting = NestingSpec.of(nesting)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
-        w = torch.ones(len(self.nesting)) if weights is None else torch.as_tensor(list(weights))
-        if len(w) != len(self.nesting):
-            raise ValueError(f"got {len(w)} loss weights for {len(self.nesting)} nesting dims")
-        self.register_buffer("weights", w.float())
+        self.register_buffer("weights", dim_weights(len(self.nesting), weights))
         self.log_scale = nn.Parameter(torch.full((len(self.nesting),), float(np.log(1 / temperature))))
 
     @staticmethod

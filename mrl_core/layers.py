@@ -32,7 +32,7 @@ class NestedLinear(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.nesting = nesting if isinstance(nesting, NestingSpec) else NestingSpec(tuple(nesting))
+        self.nesting = NestingSpec.of(nesting)
         self.num_classes = int(num_classes)
         self.efficient = efficient
         if efficient:

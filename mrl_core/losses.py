@@ -14,7 +14,8 @@ from torch import nn
 from mrl_core.nesting import NestingSpec, prefix
 
 
-def _weights(n: int, weights: Sequence[float] | None) -> torch.Tensor:
+def dim_weights(n: int, weights: Sequence[float] | None) -> torch.Tensor:
+    """The loss weight c_m of each of ``n`` nesting dims as a float tensor (default 1 each)."""
     if weights is None:
         return torch.ones(n)
     if len(weights) != n:
@@ -35,7 +36,7 @@ class MatryoshkaClassificationLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        self.register_buffer("weights", _weights(num_dims, weights))
+        self.register_buffer("weights", dim_weights(num_dims, weights))
         self.label_smoothing = label_smoothing
 
     def per_dim(self, logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -69,12 +70,12 @@ class MatryoshkaContrastiveLoss(nn.Module):
         weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.nesting = nesting if isinstance(nesting, NestingSpec) else NestingSpec(tuple(nesting))
+        self.nesting = NestingSpec.of(nesting)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.symmetric = symmetric
-        self.register_buffer("weights", _weights(len(self.nesting), weights))
+        self.register_buffer("weights", dim_weights(len(self.nesting), weights))
 
     def per_dim(self, queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
         """The InfoNCE loss at each nesting prefix, shape [num_dims]."""

@@ -42,6 +42,11 @@ class NestingSpec:
         object.__setattr__(self, "dims", dims)
 
     @classmethod
+    def of(cls, nesting: NestingSpec | Iterable[int]) -> NestingSpec:
+        """``nesting`` itself when it is a ``NestingSpec``, else the spec of those dims."""
+        return nesting if isinstance(nesting, NestingSpec) else cls(tuple(nesting))
+
+    @classmethod
     def for_model(cls, full_dim: int, dims: Iterable[int] | str | None = None) -> NestingSpec:
         """Nesting for a model of ``full_dim``: ``dims`` given (list or "16,64,256") or doubling from 8.
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto's server) and a real-text corpus of nested embeddings."""
+"""Shared fixtures: a real S3 endpoint (moto's server), a real-text corpus of nested embeddings,
+tiny static encoders, and one torch thread for modules of small ops."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 
 def _free_port() -> int:
@@ -184,3 +188,31 @@ def text_dataset(text_corpus, tmp_path_factory):
 def corpus_writer():
     """``write_corpus`` as a fixture: write a Lance dataset as the embed pipeline does."""
     return write_corpus
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops run far faster on one thread than on several contending for busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _make_static_dir(path: Path, dim: int = 16, vocab: int = 60, seed: int = 0) -> Path:
+    """A model2vec-style directory: word-level tokenizer over w0..w{vocab-1} and a random table."""
+    words = {f"w{i}": i for i in range(vocab)}
+    words["[UNK]"] = vocab
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    table = np.random.default_rng(seed).standard_normal((vocab + 1, dim)).astype(np.float32)
+    save_file({"embeddings": table}, str(path / "model.safetensors"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_static_dir():
+    """Builds a tiny ``static:`` encoder directory: ``make_static_dir(path, dim=16, vocab=60, seed=0)``."""
+    return _make_static_dir

@@ -4,13 +4,10 @@ through ``get_encoder`` composed with a (tiny, built-in-the-test) base encoder."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from mrl_core.adaptor import (
     MatryoshkaAdaptor,
@@ -26,28 +23,7 @@ from mrl_core.nesting import l2_normalize
 from mrl_core.training import FitConfig, Runner, embed_with, train_adaptor
 
 QUIET = Runner(log=lambda msg: None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops run far faster on one thread than on several contending for busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_static_dir(path: Path, dim: int = 16, vocab: int = 60, seed: int = 0) -> Path:
-    """A model2vec-style directory: word-level tokenizer over w0..w{vocab-1} and a random table."""
-    words = {f"w{i}": i for i in range(vocab)}
-    words["[UNK]"] = vocab
-    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    table = np.random.default_rng(seed).standard_normal((vocab + 1, dim)).astype(np.float32)
-    save_file({"embeddings": table}, str(path / "model.safetensors"))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_corpus(n: int = 1500, dim: int = 24, seed: int = 0) -> np.ndarray:
@@ -129,7 +105,7 @@ def test_identity_init_learns_an_order_on_its_own(tmp_path):
 
 
 @pytest.fixture()
-def base_dir(tmp_path):
+def base_dir(tmp_path, make_static_dir):
     return make_static_dir(tmp_path / "base")
 
 
@@ -160,7 +136,7 @@ def test_round_trip_through_get_encoder(tmp_path, base_dir):
     assert fp != base.fingerprint
 
 
-def test_refuses_a_changed_base_and_missing_files(tmp_path, base_dir):
+def test_refuses_a_changed_base_and_missing_files(tmp_path, base_dir, make_static_dir):
     ad = MatryoshkaAdaptor(16, [4, 16])
     save_adaptor(ad, tmp_path / "ad", f"static:{base_dir}", "0123456789abcdef")
     with pytest.raises(ValueError, match="fingerprint"):

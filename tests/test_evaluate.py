@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mrl_core.evaluate import (
     calibrate_cascade,
@@ -28,14 +27,7 @@ from mrl_core.evaluate import (
     softmax,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops run far faster on one thread than on several contending for busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_recall_with_ties_counts_duplicates_as_hits():

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
 
@@ -37,15 +36,7 @@ sys.path.insert(0, str(ROOT))
 from pipelines.train import build_parser, main  # noqa: E402
 
 QUIET = Runner(log=lambda msg: None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops run far faster on one thread than on several contending for busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,18 +152,6 @@ def test_checkpoints_resume_to_the_same_state(tmp_path):
 # text through the CLI
 
 
-def make_static_dir(path: Path, dim: int = 16, vocab: int = 60, seed: int = 0) -> Path:
-    words = {f"w{i}": i for i in range(vocab)}
-    words["[UNK]"] = vocab
-    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    table = np.random.default_rng(seed).standard_normal((vocab + 1, dim)).astype(np.float32)
-    save_file({"embeddings": table}, str(path / "model.safetensors"))
-    return path
-
-
 def text_task(path: Path, n: int = 400, seed: int = 0) -> Path:
     """Four topics: a text is 6 words from its topic's 10 plus 4 from 20 shared ones."""
     rng = np.random.default_rng(seed)
@@ -191,7 +170,7 @@ def texts_parquet(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def static_dir(tmp_path_factory):
+def static_dir(tmp_path_factory, make_static_dir):
     return make_static_dir(tmp_path_factory.mktemp("static") / "base")
 
 
