@@ -35,6 +35,7 @@ from collections.abc import Callable
 from importlib import metadata, resources
 from pathlib import Path
 
+import hardware  # this directory's
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,41 +45,6 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "pypi_summaries.parquet"
 BATCH = 1 << 16  # rows per tokeniser/encoder batch in the in-process figures
-
-
-def machine() -> list[str]:
-    """nproc, CPU model, memory, GPU and load, for the report."""
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "?"
-    mem = "?"
-    try:
-        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
-        mem = f"{kb / 2**20:.0f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    lines = [f"machine: {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {cpu}, {mem} RAM",
-             f"gpu: {gpu_name() or 'none'}", f"load average at start: {load()}"]
-    return lines
-
-
-def gpu_name() -> str | None:
-    """The first CUDA device's name, or None."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-
-
-def load() -> str:
-    """The 1/5/15-minute load averages."""
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def versions() -> str:
@@ -280,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
-    print("\n".join(machine()))
+    print(f"machine: {hardware.describe()}")
     print(versions(), flush=True)
 
     table = read_texts(args.data, args.column, args.rows)
@@ -351,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         label = "pipeline (Parquet -> Lance)" if i == 0 else f"pipeline, run {i + 1} (warm workers)"
         rows.append((label, r, c, f"{s:.1f}s" + (f", {fragments} fragments" if i == 0 else "")))
 
-    print(f"\nload average at end: {load()}; Ray start {init_s:.1f}s (not counted)")
+    print(f"\nload average at end: {hardware.load()}; Ray start {init_s:.1f}s (not counted)")
     print("CPU us/row: CPU time of this process (all threads); for the pipeline, of every Ray process too")
     print(f"\n{'figure':<40} {'rows/s':>10} {'x bare':>7} {'CPU us/row':>11}  notes")
     for label, r, c, note in rows:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
 import faiss
+import hardware  # this directory's
 import lance
 import numpy as np
 import pyarrow as pa
@@ -259,7 +259,7 @@ def main() -> None:
 
     cache_bytes = sum(t.nbytes for t in corpus._tiers.values())
     print()
-    print(f"machine: {platform.node()} {os.cpu_count()} CPUs{' + ' + str(gpu_count(None)) + ' GPU(s)' if args.gpu else ''}; "
+    print(f"machine: {hardware.describe()}{'; faiss sees ' + str(gpu_count(None)) + ' GPU(s)' if args.gpu else ''}; "
           f"faiss {faiss.__version__}, lance {lance.__version__}")
     print(f"corpus: {name}, {rows:,} rows x {full} dims ({args.encoder}); {nq:,} held-out queries; "
           f"batches of {args.batch}; best of {args.repeats} runs")

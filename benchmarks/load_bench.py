@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import hardware  # this directory's
 import lance
 import numpy as np
 import pyarrow as pa
@@ -104,17 +104,8 @@ class LoadResult:
 
 def machine() -> str:
     """One line describing where the numbers come from."""
-    try:
-        with open("/proc/meminfo") as f:
-            mem = f"{int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
-    except OSError:
-        mem = "? RAM"
-    try:
-        load = "load {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
-    except OSError:
-        load = ""
-    return (f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {platform.processor() or platform.machine()}, "
-            f"{mem}, {load}, python {platform.python_version()}, faiss {faiss.__version__}, lance {lance.__version__}")
+    return (f"{hardware.describe()}, python {platform.python_version()}, faiss {faiss.__version__}, "
+            f"lance {lance.__version__}")
 
 
 # ----------------------------------------------------------------------------- serving

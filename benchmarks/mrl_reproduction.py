@@ -33,7 +33,6 @@ import glob
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hardware  # this directory's
 import numpy as np
 import pyarrow.parquet as pq
 import torch
@@ -737,33 +737,21 @@ def findings(results: dict[str, Any]) -> list[str]:
             + ". The paper's schedule reaches "
             + "; ".join(f"{n}: {s['paper_recall']:.3f}" for n, s in f.items()) + "."
         )
-
-        def lowest(study):
-            dims = sorted(int(d) for d in study["cheapest_per_tier0"])
-            d = dims[0]
-            return d, study["cheapest_per_tier0"][str(d)]
-
+        lowest = {n: min(s["cheapest_per_tier0"].items(), key=lambda kv: int(kv[0])) for n, s in full.items()}
         out.append(
             f"- Lowest tier-0 dim reaching the calibrated target ({next(iter(full.values()))['required']:.4f}) "
             f"with a shortlist of at most {max(DEFAULT_SHORTLISTS)}: "
-            + "; ".join(f"{n}: {lowest(s)[0]} dims (`{lowest(s)[1]['schedule']}`, recall {lowest(s)[1]['recall']:.4f}, "
-                        f"{lowest(s)[1]['recall'] - s['required']:+.4f} over the target, "
-                        f"{lowest(s)[1]['tier0_bytes_per_row']} tier-0 bytes/row)" for n, s in full.items())
+            + "; ".join(f"{n}: {d} dims (`{t['schedule']}`, recall {t['recall']:.4f}, "
+                        f"{t['recall'] - full[n]['required']:+.4f} over the target, "
+                        f"{t['tier0_bytes_per_row']} tier-0 bytes/row)" for n, (d, t) in lowest.items())
             + "."
         )
     return out
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__}, no GPU"
+    """Where the figures come from: hardware and torch."""
+    return f"{hardware.describe()}, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

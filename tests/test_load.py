@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_bench():
+    """benchmarks/load_bench.py as a module, its directory importable as when it runs as a script."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location("load_bench", REPO / "benchmarks" / "load_bench.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
