@@ -204,10 +204,12 @@ def run_pipeline(shards: Path, output: Path, args: argparse.Namespace,
                  column: str) -> tuple[float, float, float, object]:
     """(rows/s, seconds, CPU us per row, summary) of ``run_embed`` over ``shards`` into a fresh
     dataset; CPU time is this process's and every Ray process's it started."""
+    from mrl_core.settings import EmbedSettings
     from pipelines.embed import EmbedConfig, run_embed
 
-    cfg = EmbedConfig(input=str(shards), output=str(output), encoder=args.encoder_spec, text_column=column,
-                      keep=[k for k in args.keep.split(",") if k], progress=False,
+    settings = EmbedSettings(encoder=args.encoder_spec, text_column=column,
+                             keep=tuple(k for k in args.keep.split(",") if k))
+    cfg = EmbedConfig(input=str(shards), output=str(output), settings=settings, progress=False,
                       batch_rows=args.batch_rows, actors=args.actors)
     cpu, start = tree_cpu_seconds(), time.perf_counter()
     summary = run_embed(cfg)

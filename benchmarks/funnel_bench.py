@@ -28,17 +28,11 @@ import pyarrow.parquet as pq
 
 from mrl_core.corpus import Corpus, result_matrix
 from mrl_core.encoders import DEFAULT_ENCODER, get_encoder
-from mrl_core.evaluate import recall_at_k_with_ties
-from mrl_core.funnel import IdMap, gather
-from mrl_core.index import (
-    build_index,
-    default_index_uri,
-    gpu_count,
-    human_bytes,
-    read_manifest,
-    to_gpus,
-)
+from mrl_core.funnel import IdMap, take_rows
+from mrl_core.index import build_index, human_bytes
+from mrl_core.index_store import default_index_uri, read_manifest
 from mrl_core.nesting import l2_normalize
+from mrl_core.search import recall_at_k_with_ties
 from mrl_core.storage import (
     INFO_KEY,
     DatasetInfo,
@@ -47,6 +41,7 @@ from mrl_core.storage import (
     make_schema,
     read_info,
 )
+from mrl_core.tier0 import gpu_count, to_gpus
 
 DIMS = (16, 32, 64, 128, 256)
 EXTRA_SCHEDULES = ("paper", "64:200,256", "64:1000,256", "128:200,256")
@@ -220,7 +215,7 @@ def main() -> None:
     def rescored(found_ids: np.ndarray) -> np.ndarray:
         """Full-dim scores of returned ids (NaN for none), computed one way for every method."""
         pos = idmap.positions(found_ids.reshape(-1))
-        vecs = gather(full_vectors, pos).reshape(nq, -1, full)
+        vecs = take_rows(full_vectors, pos).reshape(nq, -1, full)
         return np.einsum("qkd,qd->qk", vecs, q_full)
 
     results = [("exact flat FAISS, full dim (float32)", 1.0, nq / exact_seconds, rows * full * 4, "")]
@@ -320,7 +315,8 @@ def lancedb_peer(args, work, name, ids, full_vectors, q_full, exact_scores, resc
                     parts.append((i, res))
                 return parts
 
-            run_small = tbl.search(list(q_full[:4]), vector_column_name="vector").limit(args.k).select(["id", "_distance"]).to_arrow()
+            run_small = (tbl.search(list(q_full[:4]), vector_column_name="vector")
+                         .limit(args.k).select(["id", "_distance"]).to_arrow())
             del run_small
             parts, seconds = timed(run, 1)
             found = np.full((nq, args.k), -1, dtype=np.int64)

@@ -35,14 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mrl_core.corpus import Corpus
-from mrl_core.index import (
-    IndexMismatchError,
-    Tier0Index,
-    build_index,
-    default_index_uri,
-    load_index,
-    read_current,
-)
+from mrl_core.index import build_index
+from mrl_core.index_store import IndexMismatchError, default_index_uri, load_index, read_current
 from mrl_core.nesting import l2_normalize
 from mrl_core.storage import (
     INFO_KEY,
@@ -53,6 +47,7 @@ from mrl_core.storage import (
     open_dataset,
     read_info,
 )
+from mrl_core.tier0 import Tier0Index
 
 DEFAULT_DATA = "/work/shared/data/pypi_summaries.parquet"
 DIMS = (16, 32, 64, 128, 256)
@@ -229,10 +224,10 @@ def read_texts(path: str | None, column: str, n: int, work: Path) -> list[str]:
         table = pq.read_table(path, columns=[column])
         texts = [t for t in dict.fromkeys(table[column].to_pylist()) if t and t.strip()]
     else:
-        from mrl_core.local_corpus import gather
+        from mrl_core.local_corpus import write_docstring_shards
 
         print(f"{path} not found: gathering this machine's docstrings instead", flush=True)
-        shards = gather(work / "docstrings", max_docs=n)
+        shards = write_docstring_shards(work / "docstrings", max_docs=n)
         texts = [t for s in shards for t in pq.read_table(s, columns=["text"])["text"].to_pylist()]
     if len(texts) < n:
         raise SystemExit(f"only {len(texts):,} texts available, {n:,} needed")
@@ -248,6 +243,7 @@ def write_shard(path: Path, texts: list[str]) -> None:
 def reindex_setup(args: argparse.Namespace, work: Path) -> tuple[str, np.ndarray, Any]:
     """Real texts embedded by the re-index pipeline; rounds add a shard and re-index."""
     from mrl_core.encoders import get_encoder
+    from mrl_core.settings import EmbedSettings
     from pipelines.reindex import ReindexConfig, run_reindex
 
     total = args.rows + args.rounds * args.round_rows + args.query_pool
@@ -260,7 +256,8 @@ def reindex_setup(args: argparse.Namespace, work: Path) -> tuple[str, np.ndarray
     for i in range(0, args.rows, per_shard):
         write_shard(src / f"base-{i // per_shard:03d}.parquet", corpus[i: i + per_shard])
     uri = str(work / "corpus.lance")
-    cfg = ReindexConfig(input=str(src), dataset=uri, progress=False, encoder=args.encoder)
+    cfg = ReindexConfig(input=str(src), dataset=uri, progress=False,
+                        settings=EmbedSettings(encoder=args.encoder))
     started = time.perf_counter()
     run_reindex(cfg)
     print(f"initial embed + index of {args.rows:,} texts: {time.perf_counter() - started:.1f}s", flush=True)
@@ -272,7 +269,8 @@ def reindex_setup(args: argparse.Namespace, work: Path) -> tuple[str, np.ndarray
             write_shard(src / f"new-{r:03d}.parquet", extra[r * args.round_rows: (r + 1) * args.round_rows])
             t = time.perf_counter()
             summary = run_reindex(cfg)
-            out.append({"round": r, "seconds": round(time.perf_counter() - t, 2), "rows_embedded": summary.rows_embedded,
+            out.append({"round": r, "seconds": round(time.perf_counter() - t, 2),
+                        "rows_embedded": summary.rows_embedded,
                         "index": summary.index_action, "version": summary.index_version})
             print(f"  round {r}: +{summary.rows_embedded:,} rows, index {summary.index_action} -> "
                   f"{summary.index_version} in {out[-1]['seconds']}s", flush=True)
@@ -304,7 +302,7 @@ def rebuild_setup(args: argparse.Namespace, work: Path) -> tuple[str, np.ndarray
     """Synthetic vectors; rounds append rows and rebuild the index from scratch."""
     uri = str(work / "synthetic.lance")
     append_vectors(uri, nested_vectors(args.rows, DIMS[-1], 0), "base", create=True)
-    build = {"calibration_queries": args.calibration_queries, "log": None}
+    build = {"calibration_queries": args.calibration_queries}
     started = time.perf_counter()
     build_index(uri, **build)
     print(f"initial index of {args.rows:,} synthetic rows: {time.perf_counter() - started:.1f}s", flush=True)
@@ -365,7 +363,8 @@ def print_result(result: LoadResult) -> None:
         print(f"{s['phase']:<16}{s['queries']:>9,}{s['qps']:>9.1f}{s['p50_ms']:>9.2f}{s['p90_ms']:>9.2f}"
               f"{s['p99_ms']:>9.2f}{s['max_ms']:>9.1f}{s['errors']:>8}")
     if rows[0]["qps"] and rows[1]["qps"]:
-        print(f"during/idle: qps x{rows[1]['qps'] / rows[0]['qps']:.2f}, p50 x{rows[1]['p50_ms'] / rows[0]['p50_ms']:.2f}, "
+        print(f"during/idle: qps x{rows[1]['qps'] / rows[0]['qps']:.2f}, "
+              f"p50 x{rows[1]['p50_ms'] / rows[0]['p50_ms']:.2f}, "
               f"p99 x{rows[1]['p99_ms'] / rows[0]['p99_ms']:.2f}")
     print(f"index versions served: {' -> '.join(result.versions_served)} ({len(result.versions_served) - 1} swap(s) "
           f"under load); rounds: {', '.join(str(r['seconds']) + 's' for r in result.rounds)}")

@@ -32,6 +32,7 @@ import argparse
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -46,12 +47,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from mrl_core.calibration import Calibration, cheapest_hits, pick
+from mrl_core.defaults import SHORTLISTS as DEFAULT_SHORTLISTS
 from mrl_core.encoders import get_encoder
 from mrl_core.evaluate import (
     calibrate_cascade,
     cascade_evaluate,
     cascade_frontier,
-    exact_search,
     format_per_dim,
     funnel_vs_exact,
     knn_accuracy,
@@ -62,15 +64,9 @@ from mrl_core.evaluate import (
     random_rotation,
     softmax,
 )
-from mrl_core.funnel import (
-    DEFAULT_SHORTLISTS,
-    Calibration,
-    FunnelSchedule,
-    cheapest_hits,
-        paper_schedule,
-    pick,
-)
+from mrl_core.funnel import FunnelSchedule, paper_schedule
 from mrl_core.nesting import l2_normalize
+from mrl_core.search import exact_search
 from mrl_core.training import (
     ClassifierObjective,
     FitConfig,
@@ -95,6 +91,29 @@ TARGET = 0.99
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class _TrainingLog(logging.Handler):
+    """Training's log lines into ``log``, indented; ``only`` keeps those containing one of its words."""
+
+    def __init__(self, only: tuple[str, ...] = ()) -> None:
+        super().__init__(logging.INFO)
+        self.only = only
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if not self.only or any(word in msg for word in self.only):
+            log("  " + msg)
+
+
+def training_log(only: tuple[str, ...] = ()) -> None:
+    """Route the ``mrl_core.training`` logger to ``log`` (replacing an earlier route)."""
+    logger = logging.getLogger("mrl_core.training")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for old in [h for h in logger.handlers if isinstance(h, _TrainingLog)]:
+        logger.removeHandler(old)
+    logger.addHandler(_TrainingLog(only))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +216,8 @@ def run_debian(args: argparse.Namespace, work: Path) -> dict[str, Any]:
           for name, rows in (("train", train), ("val", val), ("test", test))}
     table = base.table.float().numpy()
     cfg = FitConfig(epochs=args.epochs, batch_size=256, lr=args.lr, log_every=0, seed=0)
-    quiet = Runner(log=lambda m: log("  " + m) if "done" in m or "resumed" in m else None)
+    quiet = Runner()
+    training_log(only=("done", "resumed"))
 
     def train_model(name: str, out_dim: int, dims: tuple[int, ...], efficient: bool = False):
         torch.manual_seed(0)
@@ -388,8 +408,10 @@ def run_pypi(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     weights = [float(w) for w in args.adaptor_weights.split(",")]
     loss = {"temperature": args.adaptor_temperature, "weights": weights}
     # checkpoints resume only a run with the same settings
-    tag = f"e{args.adaptor_epochs}-lr{args.adaptor_lr:g}-t{args.adaptor_temperature:g}-w{'_'.join(f'{w:g}' for w in weights)}"
-    runner = Runner(log=lambda m: log("  " + m))
+    tag = (f"e{args.adaptor_epochs}-lr{args.adaptor_lr:g}-t{args.adaptor_temperature:g}"
+           f"-w{'_'.join(f'{w:g}' for w in weights)}")
+    runner = Runner()
+    training_log()
     knn_file = work / f"pypi_knn_{len(sample)}_{args.neighbours}.npy"
     if knn_file.is_file():
         knn = np.load(knn_file)
@@ -400,13 +422,15 @@ def run_pypi(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         knn = mine_neighbours(sample, args.neighbours)
         np.save(knn_file, knn)
     timings = {}
-    adaptor, hist = train_adaptor(sample, ADAPTOR_DIMS, cfg, work / "pypi" / f"adaptor-{tag}", neighbours=args.neighbours,
+    adaptor, hist = train_adaptor(sample, ADAPTOR_DIMS, cfg, work / "pypi" / f"adaptor-{tag}",
+                                  neighbours=args.neighbours,
                                   knn=knn, runner=runner, **loss)
     timings["adaptor (PCA init)"] = sum(h["seconds"] for h in hist)
     pca = pca_rotation(sample)
     rotation = random_rotation(x_dim := sample.shape[1], seed=123)
     rot_cfg = FitConfig(**{**cfg.__dict__, "lr": args.identity_lr})
-    rot_adaptor, rot_hist = train_adaptor(sample @ rotation, ADAPTOR_DIMS, rot_cfg, work / "pypi" / f"adaptor-rotated-identity-{tag}-ilr{args.identity_lr:g}",
+    rot_adaptor, rot_hist = train_adaptor(sample @ rotation, ADAPTOR_DIMS, rot_cfg,
+                                          work / "pypi" / f"adaptor-rotated-identity-{tag}-ilr{args.identity_lr:g}",
                                           neighbours=args.neighbours, knn=knn, init="identity", runner=runner, **loss)
     timings["adaptor on rotated (identity init)"] = sum(h["seconds"] for h in rot_hist)
     rot_pca = pca_rotation(sample @ rotation)
@@ -439,7 +463,8 @@ def run_pypi(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "recall@10": recalls,
         "funnel": funnel,
         "adaptor_loss_per_dim": {"first_epoch": hist[0]["loss_per_dim"], "last_epoch": hist[-1]["loss_per_dim"]},
-        "rotated_adaptor_loss_per_dim": {"first_epoch": rot_hist[0]["loss_per_dim"], "last_epoch": rot_hist[-1]["loss_per_dim"]},
+        "rotated_adaptor_loss_per_dim": {"first_epoch": rot_hist[0]["loss_per_dim"],
+                                         "last_epoch": rot_hist[-1]["loss_per_dim"]},
         "train_seconds": timings,
         "epochs": args.adaptor_epochs,
         "neighbours": args.neighbours,
@@ -490,7 +515,8 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         fr = deb["adaptive"]["frontier"]
         ax.plot([f[1] for f in fr], [f[2] for f in fr], ".-", label="cascade, one shared threshold")
-        ax.plot(deb["dims"], [deb["accuracy"]["MRL"][m if m in deb["accuracy"]["MRL"] else str(m)] for m in deb["dims"]],
+        ax.plot(deb["dims"],
+                [deb["accuracy"]["MRL"][m if m in deb["accuracy"]["MRL"] else str(m)] for m in deb["dims"]],
                 "o", label="MRL head at a fixed dim")
         ax.plot([deb["adaptive"]["expected_dims"]], [deb["adaptive"]["test_accuracy"]], "r*", ms=14,
                 label="cascade, per-dim thresholds calibrated on val")
@@ -602,7 +628,8 @@ def write_report(results: dict[str, Any], out: Path, command: str) -> Path:
         for model, rows in deb["retrieval"].items():
             lines += [f"**{model}**", "", _kv_table(rows, ["map@10", "precision@10", "mrr@10",
                                                           "recall@k vs exact", "rerank values/query"]), ""]
-        lines += ["Training seconds per model: " + ", ".join(f"{n}: {s:.0f}" for n, s in deb["train_seconds"].items()), ""]
+        lines += ["Training seconds per model: "
+                  + ", ".join(f"{n}: {s:.0f}" for n, s in deb["train_seconds"].items()), ""]
     pypi = r.get("pypi")
     if pypi:
         rows = pypi["rows"]

@@ -20,8 +20,8 @@ import faiss
 import funnel_bench  # this directory's: the same corpus, held-out split and embedding cache
 import numpy as np
 
-from mrl_core.evaluate import recall_at_k_with_ties
 from mrl_core.nesting import l2_normalize
+from mrl_core.search import recall_at_k_with_ties
 
 
 def parse_args() -> argparse.Namespace:

@@ -7,14 +7,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from mrl_core.calibration import calibrate_schedule
     from mrl_core.corpus import Corpus
-    from mrl_core.funnel import FunnelSchedule, calibrate_schedule
+    from mrl_core.funnel import FunnelSchedule
     from mrl_core.index import build_index
 
 _LAZY = {
     "Corpus": "mrl_core.corpus",
     "FunnelSchedule": "mrl_core.funnel",
-    "calibrate_schedule": "mrl_core.funnel",
+    "calibrate_schedule": "mrl_core.calibration",
     "build_index": "mrl_core.index",
 }
 

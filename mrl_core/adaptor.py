@@ -6,7 +6,7 @@ zero. With ``kind="orthogonal"`` every inner product is kept, so full-dim neighb
 the base model's and only the order of information across coordinates changes; ``"linear"``
 frees R and ``"mlp"`` adds the residual, trading exact full-dim neighbours for better prefixes.
 
-It is trained (``mrl_core.training.train_adaptor``) with ``NeighbourhoodLoss``: at each nesting
+It is trained (``mrl_core.training.train_adaptor``) with ``mrl_core.losses.NeighbourhoodLoss``: at each nesting
 prefix the softmax over candidate similarities (each anchor's full-dim nearest neighbours plus
 the other anchors of the batch) should match the base model's full-dim softmax.
 
@@ -26,9 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mrl_core.evaluate import exact_search
-from mrl_core.losses import dim_weights
 from mrl_core.nesting import NestingSpec, l2_normalize
+from mrl_core.search import exact_search
 
 CONFIG_FILE = "adaptor.json"
 WEIGHTS_FILE = "adaptor.safetensors"
@@ -115,66 +114,6 @@ class MatryoshkaAdaptor(nn.Module):
         if module.mlp is not None:
             module.mlp.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("mlp.")})
         return module
-
-
-class NeighbourhoodLoss(nn.Module):
-    """Matryoshka neighbourhood distillation: KL(full-dim teacher || prefix student) per dim.
-
-    For anchor i with candidates C_i (its mined full-dim neighbours, then every other anchor of
-    the batch), the teacher is softmax(base cosine(i, C_i) / ``temperature``) and the student at
-    prefix m is softmax(cosine of the re-normalised m-prefixes * s_m), with a learnt scale s_m
-    per dim (prefix similarities live on a different scale than full-dim ones).
-    """
-
-    def __init__(
-        self,
-        nesting: NestingSpec | Sequence[int],
-        temperature: float = 0.1,
-        weights: Sequence[float] | None = None,
-    ) -> None:
-        super().__init__()
-        self.nesting = NestingSpec.of(nesting)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
-        self.register_buffer("weights", dim_weights(len(self.nesting), weights))
-        self.log_scale = nn.Parameter(torch.full((len(self.nesting),), float(np.log(1 / temperature))))
-
-    @staticmethod
-    def _logits(anchor: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        """[B, K + B] similarities: each anchor with its K neighbours, then with every anchor
-        (itself masked out)."""
-        own = torch.einsum("bd,bkd->bk", anchor, neighbours)
-        batch = anchor @ anchor.T
-        batch = batch.masked_fill(torch.eye(len(anchor), dtype=torch.bool, device=anchor.device), -1e4)
-        return torch.cat([own, batch], 1)
-
-    def per_dim(
-        self,
-        base_anchor: torch.Tensor,
-        base_neighbours: torch.Tensor,
-        anchor: torch.Tensor,
-        neighbours: torch.Tensor,
-    ) -> torch.Tensor:
-        """The KL at each nesting dim, shape [num_dims].
-
-        ``base_*``: normalised base embeddings, anchors [B, d] and neighbours [B, K, d];
-        ``anchor``/``neighbours``: the adaptor's outputs for the same rows.
-        """
-        teacher = torch.softmax(self._logits(base_anchor, base_neighbours) / self.temperature, 1)
-        out = []
-        for j, m in enumerate(self.nesting.dims):
-            a = nn.functional.normalize(anchor[:, :m], dim=-1)
-            n = nn.functional.normalize(neighbours[..., :m], dim=-1)
-            student = self._logits(a, n) * self.log_scale[j].exp()
-            out.append(
-                nn.functional.kl_div(student.log_softmax(1), teacher, reduction="batchmean")
-            )
-        return torch.stack(out)
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        """The weighted sum over dims (a scalar); arguments as for ``per_dim``."""
-        return (self.weights * self.per_dim(*args)).sum()
 
 
 def mine_neighbours(x: np.ndarray, k: int) -> np.ndarray:

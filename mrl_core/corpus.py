@@ -21,30 +21,28 @@ import lance
 import numpy as np
 import pyarrow as pa
 
-from mrl_core.funnel import (
-    FunnelSchedule,
-    IdMap,
-    exact_search,
-    funnel_search,
-    gather,
-    merge_top_k,
-    paper_schedule,
-)
-from mrl_core.index import (
+from mrl_core.defaults import CACHE_BYTES
+from mrl_core.funnel import FunnelSchedule, IdMap, funnel_search, paper_schedule, take_rows
+from mrl_core.index_store import (
     IndexManifest,
     IndexMismatchError,
     IndexNotFoundError,
-    Tier0Index,
-    column_to_numpy,
     default_index_uri,
     load_index,
-    rows_signature,
 )
 from mrl_core.nesting import l2_normalize
-from mrl_core.storage import DatasetInfo, emb_column, embedding_dims, open_dataset, read_info
+from mrl_core.search import exact_search, merge_top_k
+from mrl_core.storage import (
+    DatasetInfo,
+    column_to_numpy,
+    emb_column,
+    embedding_dims,
+    open_dataset,
+    read_info,
+    rows_signature,
+)
+from mrl_core.tier0 import Tier0Index
 
-DEFAULT_CACHE_BYTES = 2 << 30
-"""Re-rank tiers are held in memory while their total size stays under this (2 GiB)."""
 RESULT_COLUMNS = ("query", "rank", "id", "score")
 
 
@@ -61,7 +59,7 @@ class Corpus:
         info: DatasetInfo,
         index: Tier0Index | None,
         manifest: IndexManifest | None,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.dataset = dataset
         self.info = info
@@ -88,7 +86,7 @@ class Corpus:
         allow_stale_index: bool = False,
         snapshot: bool = True,
         require_index: bool = True,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int = CACHE_BYTES,
         gpu: bool | None = None,
     ) -> Corpus:
         """Open the dataset at ``uri`` with its current index (``<uri>.indexes`` unless ``index_uri``).
@@ -122,7 +120,8 @@ class Corpus:
         return cls(dataset, info, Tier0Index(faiss_index, gpu), manifest, cache_bytes)
 
     def __repr__(self) -> str:
-        index = "no index" if self.manifest is None else f"index {self.manifest.version} ({self.manifest.factory} on {self.manifest.column})"
+        index = ("no index" if self.manifest is None
+                 else f"index {self.manifest.version} ({self.manifest.factory} on {self.manifest.column})")
         return f"Corpus({self.dataset.uri!r}, {self.rows:,} rows, dims {self.dims}, {index})"
 
     # ------------------------------------------------------------------ public
@@ -136,7 +135,9 @@ class Corpus:
         """The schedule ``search`` runs for ``funnel`` (None or "auto", "paper", a schedule or its string)."""
         if funnel is None or funnel == "auto":
             if self.schedule is None:
-                raise IndexNotFoundError("funnel='auto' needs an index with a calibrated schedule; run pipelines/index.py")
+                raise IndexNotFoundError(
+                    "funnel='auto' needs an index with a calibrated schedule; run pipelines/index.py"
+                )
             return self.schedule
         if funnel == "paper":
             return paper_schedule(self.dims)
@@ -275,7 +276,9 @@ class Corpus:
             raise ValueError(f"no column(s) {unknown} in the dataset; it has {names}")
         clash = [c for c in columns if c in ("query", "rank", "score")]
         if clash:
-            raise ValueError(f"column(s) {clash} clash with the result's own columns; read them from the dataset directly")
+            raise ValueError(
+                f"column(s) {clash} clash with the result's own columns; read them from the dataset directly"
+            )
         return [c for c in dict.fromkeys(columns) if c != "id"]
 
     # ------------------------------------------------------------------ rows by id
@@ -307,7 +310,7 @@ class Corpus:
         positions = self._positions(ids)
         tier = self._tier(dim)
         if tier is not None:
-            return gather(tier, positions, scratch=True)
+            return take_rows(tier, positions, scratch=True)
         out = np.full((len(ids), dim), np.nan, dtype=np.float32)
         valid = positions >= 0
         unique, inverse = np.unique(positions[valid], return_inverse=True)
@@ -329,7 +332,7 @@ class Corpus:
         tier = self._tier(dim)
         if tier is not None:
             self._positions(np.zeros(0, dtype=np.int64))
-            scores, positions = exact_search(tier, queries, n)
+            scores, positions = exact_search(queries, tier, n)
             return scores, np.where(positions >= 0, self._ids[np.maximum(positions, 0)], -1)
         best_s = np.full((len(queries), n), -np.inf, dtype=np.float32)
         best_i = np.full((len(queries), n), -1, dtype=np.int64)
@@ -375,7 +378,9 @@ class Corpus:
         return table
 
 
-def _snapshot(uri: str, storage_options: Mapping[str, str] | None, manifest: IndexManifest) -> lance.LanceDataset | None:
+def _snapshot(
+    uri: str, storage_options: Mapping[str, str] | None, manifest: IndexManifest
+) -> lance.LanceDataset | None:
     """The dataset version ``manifest`` was built on, or None when it no longer exists."""
     try:
         pinned = open_dataset(uri, storage_options, version=manifest.dataset_version)
@@ -400,7 +405,9 @@ def check_index(manifest: IndexManifest, dataset: lance.LanceDataset, info: Data
             f"(fingerprint {info.fingerprint}); rebuild it: python pipelines/index.py --dataset {dataset.uri}"
         )
     if manifest.column not in dataset.schema.names:
-        raise IndexMismatchError(f"index {manifest.version} is over {manifest.column}, which dataset {dataset.uri} lacks")
+        raise IndexMismatchError(
+            f"index {manifest.version} is over {manifest.column}, which dataset {dataset.uri} lacks"
+        )
     if manifest.rows_signature != rows_signature(dataset):
         message = (
             f"index {manifest.version} was built for dataset version {manifest.dataset_version} "

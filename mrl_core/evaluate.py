@@ -1,7 +1,7 @@
 """Evaluation of nested embeddings, per prefix dim.
 
-- Search: exact top-k by inner product (``exact_search``), per-prefix search and each prefix's
-  recall@k counting ties against full-dim exact search (``prefix_recall``).
+- Search: per-prefix exact search and each prefix's recall@k counting ties against full-dim
+  exact search (``prefix_recall``); the search itself is ``mrl_core.search``.
 - Classification: 1-NN / k-NN accuracy and linear-probe accuracy on each prefix.
 - Retrieval with right answers (class labels): precision@k, recall@k, mAP@k, MRR@k.
 - The paper's baselines that need no training: PCA/SVD rotation of the full embedding and
@@ -20,67 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mrl_core.calibration import Calibration
+from mrl_core.funnel import FunnelSchedule, funnel_search
 from mrl_core.nesting import l2_normalize
-
-
-def recall_at_k_with_ties(
-    found_scores: np.ndarray, exact_scores: np.ndarray, k: int = 10, tol: float = 1e-4
-) -> float:
-    """Recall@k counting ties, as ANN benchmarks do.
-
-    ``found_scores`` [Q, >=k]: the full-dim scores of the rows a search returned (NaN where it
-    returned fewer); ``exact_scores`` [Q, >=k]: exact full-dim top scores, descending. A returned
-    row is a hit when its score reaches the query's k-th exact score (minus ``tol``, for float16
-    storage), so duplicates tied with the true neighbours are not counted as misses.
-    """
-    found = np.asarray(found_scores, dtype=np.float64)[:, :k]
-    exact = np.asarray(exact_scores, dtype=np.float64)
-    if found.shape[0] != exact.shape[0]:
-        raise ValueError(f"{found.shape[0]} queries of results, {exact.shape[0]} of exact scores")
-    if exact.shape[1] < k:
-        raise ValueError(f"exact_scores has {exact.shape[1]} columns, fewer than k={k}")
-    threshold = exact[:, k - 1 : k] - tol
-    hits = np.nan_to_num(found, nan=-np.inf) >= threshold
-    return float(hits.sum() / (k * found.shape[0]))
-
+from mrl_core.search import exact_search, recall_at_k_with_ties, scores_of
 
 # ---------------------------------------------------------------------------------------------
-# exact search
-
-
-def exact_search(
-    queries: np.ndarray,
-    corpus: np.ndarray,
-    k: int,
-    exclude: np.ndarray | None = None,
-    max_block: int = 1 << 28,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` by inner product: (scores [Q, k] descending, row ids [Q, k]).
-
-    ``exclude`` [Q]: one corpus row per query to leave out (its own row, for leave-one-out
-    1-NN); -1 excludes nothing. Queries are processed in blocks of ``max_block`` scores.
-    """
-    q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    c = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
-    if q.shape[1] != c.shape[1]:
-        raise ValueError(f"queries have {q.shape[1]} dims, corpus {c.shape[1]}")
-    k = min(k, c.shape[0] - (1 if exclude is not None else 0))
-    if k < 1:
-        raise ValueError("corpus too small for a top-k search")
-    step = max(1, max_block // max(c.shape[0], 1))
-    scores = np.empty((q.shape[0], k), dtype=np.float32)
-    ids = np.empty((q.shape[0], k), dtype=np.int64)
-    with torch.inference_mode():
-        for lo in range(0, q.shape[0], step):
-            sim = q[lo : lo + step] @ c.T
-            if exclude is not None:
-                rows = torch.from_numpy(np.asarray(exclude[lo : lo + step], dtype=np.int64))
-                keep = rows >= 0
-                sim[torch.nonzero(keep).squeeze(1), rows[keep]] = -torch.inf
-            v, i = sim.topk(k, dim=1)
-            scores[lo : lo + step] = v.numpy()
-            ids[lo : lo + step] = i.numpy()
-    return scores, ids
+# per-prefix search
 
 
 def prefix_search(
@@ -119,13 +65,6 @@ def prefix_recall(
         _, ids = prefix_search(queries, corpus, m, k)
         out[int(m)] = recall_at_k_with_ties(scores_of(ref_q, ref_c, ids), exact, k)
     return out
-
-
-def scores_of(queries: np.ndarray, corpus: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Inner products [Q, n] of each query with the corpus rows ``ids`` [Q, n] (-1: NaN)."""
-    safe = np.where(ids < 0, 0, ids)
-    s = np.einsum("qd,qnd->qn", queries, corpus[safe], dtype=np.float32)
-    return np.where(ids < 0, np.nan, s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,8 +381,6 @@ def funnel_vs_exact(
 
     ``corpus_by_dim[d]`` / ``queries_by_dim[d]``: each stored prefix, normalised; tier 0 is exact.
     """
-    from mrl_core.funnel import Calibration, FunnelSchedule, funnel_search
-
     cal = Calibration(corpus_by_dim, np.arange(len(corpus_by_dim[max(corpus_by_dim)])),
                       queries_by_dim, k=k)
     full = cal.full

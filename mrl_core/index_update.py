@@ -10,6 +10,7 @@ rows the index was trained on, or the measured recall fell below ``min_recall``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -19,22 +20,27 @@ import faiss
 import lance
 import numpy as np
 
-from mrl_core.index import (
+from mrl_core.defaults import CALIBRATION_ROWS, GROWTH_FACTOR, MIN_RECALL, RECALL_QUERIES, K
+from mrl_core.index import CalibrationOptions, build_index, measure_recall
+from mrl_core.index_store import (
     IndexManifest,
     IndexNotFoundError,
-    Log,
-    Tier0Index,
-    build_index,
-    calibration_data,
-    column_to_numpy,
     default_index_uri,
     list_versions,
     load_index,
     publish,
     read_manifest,
-    rows_signature,
 )
-from mrl_core.storage import embedding_dims, open_dataset, read_info, sql_string_list
+from mrl_core.storage import (
+    column_to_numpy,
+    embedding_dims,
+    open_dataset,
+    read_info,
+    rows_signature,
+    sql_string_list,
+)
+
+logger = logging.getLogger(__name__)
 
 TAG_PREFIX = "index-"
 
@@ -66,24 +72,27 @@ def update_index(
     added_shards: Sequence[str],
     index_uri: str | None = None,
     storage_options: Mapping[str, str] | None = None,
-    growth_factor: float = 2.0,
-    min_recall: float = 0.98,
-    recall_queries: int = 500,
+    growth_factor: float = GROWTH_FACTOR,
+    min_recall: float = MIN_RECALL,
+    recall_queries: int = RECALL_QUERIES,
     seed: int = 0,
-    log: Log | None = print,
     **build_kwargs: Any,
 ) -> IndexUpdate:
-    """Publish an index version for the dataset's latest version (see the module docstring)."""
-    log = log or (lambda _m: None)
+    """Publish an index version for the dataset's latest version (see the module docstring).
+
+    ``build_kwargs`` go to ``build_index`` when it rebuilds. The manifest's ``build_seconds``
+    counts from the start of this call.
+    """
+    started = time.time()
     index_uri = index_uri or default_index_uri(dataset_uri)
     ds = open_dataset(dataset_uri, storage_options)
     info = read_info(ds)
     rows = ds.count_rows()
 
     def rebuild(action: str, reason: str) -> IndexUpdate:
-        log(f"building a new tier-0 index: {reason}")
+        logger.info(f"building a new tier-0 index: {reason}")
         manifest = build_index(dataset_uri, index_uri=index_uri, storage_options=storage_options,
-                               log=log, seed=seed, **build_kwargs)
+                               seed=seed, **build_kwargs)
         return IndexUpdate(manifest, action, reason, recall=manifest.schedule_recall)
 
     try:
@@ -100,45 +109,54 @@ def update_index(
     removed_ids = np.asarray(removed_ids, dtype=np.int64)
     if len(removed_ids):
         index.remove_ids(faiss.IDSelectorBatch(removed_ids))
-    added = 0
-    if added_shards:
-        table = ds.to_table(columns=["id", manifest.column],
-                            filter=f"shard IN ({sql_string_list(added_shards)})")
-        if table.num_rows:
-            vectors = np.ascontiguousarray(column_to_numpy(table[manifest.column], manifest.dim), dtype=np.float32)
-            index.add_with_ids(vectors, table["id"].to_numpy().astype(np.int64))
-            added = table.num_rows
+    added = _add_shards(index, ds, manifest, added_shards)
     if index.ntotal != rows:
-        return rebuild("retrained", f"the index would hold {index.ntotal:,} vectors for {rows:,} rows")
+        return rebuild("retrained",
+                       f"the index would hold {index.ntotal:,} vectors for {rows:,} rows")
 
     schedule = manifest.funnel_schedule()
-    dims = embedding_dims(ds.schema)
+    k = manifest.calibration.get("k", K)
     recall = None
-    if schedule is not None and schedule.dims[-1] == max(dims) and rows > manifest.calibration.get("k", 10):
-        cal, cal_rows = calibration_data(ds, dims, manifest.calibration.get("k", 10), recall_queries,
-                                         build_kwargs.get("calibration_rows", 2_000_000), seed)
-        probe = index
-        if cal_rows < rows:  # measured on a sample: search a tier 0 over the same sample
-            probe = faiss.deserialize_index(faiss.serialize_index(index))
-            probe.reset()
-            probe.add_with_ids(np.ascontiguousarray(cal.vectors[manifest.dim], dtype=np.float32), cal.ids)
-        recall = cal.recall(schedule, tier0=Tier0Index(probe, False).tier0(schedule.nprobe))
-        log(f"recall@{cal.k} of {schedule} after the update: {recall:.4f} (retrain below {min_recall})")
+    if schedule is not None and schedule.dims[-1] == max(embedding_dims(ds.schema)) and rows > k:
+        check = CalibrationOptions(
+            k=k, calibration_queries=recall_queries,
+            calibration_rows=build_kwargs.get("calibration_rows", CALIBRATION_ROWS),
+        )
+        recall = measure_recall(ds, index, schedule, check, seed=seed, gpu=False).recall
+        logger.info(f"recall@{k} of {schedule} after the update: {recall:.4f} "
+                    f"(retrain below {min_recall})")
         if recall < min_recall:
-            return rebuild("retrained", f"recall@{cal.k} fell to {recall:.4f} < {min_recall}")
+            return rebuild("retrained", f"recall@{k} fell to {recall:.4f} < {min_recall}")
 
-    started = time.time()
     updated = dataclasses.replace(
         manifest, version="", dataset_version=int(ds.version), rows_signature=rows_signature(ds),
-        rows=int(index.ntotal), schedule_recall=recall if recall is not None else manifest.schedule_recall,
+        rows=int(index.ntotal),
+        schedule_recall=recall if recall is not None else manifest.schedule_recall,
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        params={**manifest.params, "trained_at_rows": trained_rows, "incremental_from": manifest.version,
-                "added": added, "removed": int(len(removed_ids))},
+        params={**manifest.params, "trained_at_rows": trained_rows,
+                "incremental_from": manifest.version, "added": added,
+                "removed": int(len(removed_ids))},
+        build_seconds=round(time.time() - started, 2),
     )
-    updated.build_seconds = round(time.time() - started, 2)
     updated = publish(index_uri, index, updated, storage_options)
-    log(f"published {updated.version}: +{added:,} rows, -{len(removed_ids):,} rows, no retraining")
+    logger.info(f"published {updated.version}: +{added:,} rows, -{len(removed_ids):,} rows, "
+                f"no retraining")
     return IndexUpdate(updated, "added", "incremental", added, int(len(removed_ids)), recall)
+
+
+def _add_shards(
+    index: faiss.Index, ds: lance.LanceDataset, manifest: IndexManifest, shards: Sequence[str]
+) -> int:
+    """Add the rows of ``shards`` to ``index`` (tier 0 of ``manifest``); return how many."""
+    if not shards:
+        return 0
+    table = ds.to_table(columns=["id", manifest.column],
+                        filter=f"shard IN ({sql_string_list(shards)})")
+    if table.num_rows:
+        vectors = column_to_numpy(table[manifest.column], manifest.dim)
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                           table["id"].to_numpy().astype(np.int64))
+    return table.num_rows
 
 
 def sync_version_tags(dataset_uri: str, index_uri: str | None = None,
@@ -151,10 +169,12 @@ def sync_version_tags(dataset_uri: str, index_uri: str | None = None,
     wanted = {}
     for version in list_versions(index_uri, storage_options):
         try:
-            wanted[TAG_PREFIX + version] = read_manifest(index_uri, version, storage_options).dataset_version
+            manifest = read_manifest(index_uri, version, storage_options)
         except (IndexNotFoundError, ValueError):
             continue  # a version directory still being written, or from a newer writer
-    existing = {name: meta["version"] for name, meta in ds.tags.list().items() if name.startswith(TAG_PREFIX)}
+        wanted[TAG_PREFIX + version] = manifest.dataset_version
+    existing = {name: meta["version"] for name, meta in ds.tags.list().items()
+                if name.startswith(TAG_PREFIX)}
     for name in existing.keys() - wanted.keys():
         ds.tags.delete(name)
     for name, version in wanted.items():

@@ -49,7 +49,7 @@ def _docstrings_of(files: list[Path]) -> list[dict[str, str]]:
         return list(iter_docstrings(files))
 
 
-def gather(
+def write_docstring_shards(
     out_dir: str | Path,
     roots: Iterable[Path] | None = None,
     shard_rows: int = 20_000,

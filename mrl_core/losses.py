@@ -1,12 +1,17 @@
-"""Matryoshka losses: the paper's nested classification loss and a nested InfoNCE.
+"""Matryoshka losses: the paper's nested classification loss, a nested InfoNCE, and the
+neighbourhood distillation that trains a Matryoshka adaptor.
 
-Both take what the model produced once per batch (logits per dim, or full embeddings) and
-sum a per-dim loss weighted by c_m; nothing here runs the encoder again per dim.
+Each is a ``MatryoshkaLoss``: it takes what the model produced once per batch (logits per dim,
+or full embeddings), computes one loss per nesting dim (``per_dim``) and sums them weighted by
+c_m; nothing here runs the encoder again per dim. Dims and weights are validated once, in the
+base class (as sentence-transformers' ``MatryoshkaLoss`` wraps any loss).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +28,38 @@ def dim_weights(n: int, weights: Sequence[float] | None) -> torch.Tensor:
     return torch.as_tensor(list(weights), dtype=torch.float32)
 
 
-class MatryoshkaClassificationLoss(nn.Module):
+def _positive_temperature(temperature: float) -> float:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return float(temperature)
+
+
+class MatryoshkaLoss(nn.Module):
+    """sum_m c_m * loss_m over the nesting dims: subclasses compute ``per_dim`` (shape
+    [num_dims]); ``forward`` is its weighted sum. ``weights`` are the c_m (default 1 each)."""
+
+    def __init__(self, num_dims: int, weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weights", dim_weights(num_dims, weights))
+
+    def per_dim(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The unweighted loss at each nesting dim, shape [num_dims]."""
+        raise NotImplementedError
+
+    def weighted_sum(self, per_dim: torch.Tensor) -> torch.Tensor:
+        """sum_m c_m * per_dim[m]: the scalar to minimise."""
+        return (self.weights * per_dim).sum()
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The weighted sum over dims (a scalar); arguments as for ``per_dim``."""
+        return self.weighted_sum(self.per_dim(*inputs))
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """The settings that define the loss (for logs and checkpoints)."""
+        return {"weights": self.weights.tolist()}
+
+
+class MatryoshkaClassificationLoss(MatryoshkaLoss):
     """sum_m c_m * CE(logits_m, y) over the per-dim logits of a ``NestedLinear``.
 
     ``weights`` are the c_m (default 1 each); ``label_smoothing`` passes through to cross-entropy.
@@ -35,8 +71,7 @@ class MatryoshkaClassificationLoss(nn.Module):
         weights: Sequence[float] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.register_buffer("weights", dim_weights(num_dims, weights))
+        super().__init__(num_dims, weights)
         self.label_smoothing = label_smoothing
 
     def per_dim(self, logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -50,12 +85,12 @@ class MatryoshkaClassificationLoss(nn.Module):
             ]
         )
 
-    def forward(self, logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """The weighted sum over dims (a scalar)."""
-        return (self.weights * self.per_dim(logits, target)).sum()
+    def get_config_dict(self) -> dict[str, Any]:
+        """The settings that define the loss."""
+        return {**super().get_config_dict(), "label_smoothing": self.label_smoothing}
 
 
-class MatryoshkaContrastiveLoss(nn.Module):
+class MatryoshkaContrastiveLoss(MatryoshkaLoss):
     """InfoNCE with in-batch negatives at every nesting prefix, each prefix re-normalised.
 
     Row i of ``queries`` is positive with row i of ``docs``; every other row of the batch is a
@@ -69,13 +104,10 @@ class MatryoshkaContrastiveLoss(nn.Module):
         symmetric: bool = False,
         weights: Sequence[float] | None = None,
     ) -> None:
-        super().__init__()
         self.nesting = NestingSpec.of(nesting)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        super().__init__(len(self.nesting), weights)
+        self.temperature = _positive_temperature(temperature)
         self.symmetric = symmetric
-        self.register_buffer("weights", dim_weights(len(self.nesting), weights))
 
     def per_dim(self, queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
         """The InfoNCE loss at each nesting prefix, shape [num_dims]."""
@@ -91,6 +123,66 @@ class MatryoshkaContrastiveLoss(nn.Module):
             losses.append(loss)
         return torch.stack(losses)
 
-    def forward(self, queries: torch.Tensor, docs: torch.Tensor) -> torch.Tensor:
-        """The weighted sum over prefixes (a scalar)."""
-        return (self.weights * self.per_dim(queries, docs)).sum()
+    def get_config_dict(self) -> dict[str, Any]:
+        """The settings that define the loss."""
+        return {**super().get_config_dict(), "dims": list(self.nesting.dims),
+                "temperature": self.temperature, "symmetric": self.symmetric}
+
+
+class NeighbourhoodLoss(MatryoshkaLoss):
+    """Matryoshka neighbourhood distillation: KL(full-dim teacher || prefix student) per dim.
+
+    For anchor i with candidates C_i (its mined full-dim neighbours, then every other anchor of
+    the batch), the teacher is softmax(base cosine(i, C_i) / ``temperature``) and the student at
+    prefix m is softmax(cosine of the re-normalised m-prefixes * s_m), with a learnt scale s_m
+    per dim (prefix similarities live on a different scale than full-dim ones).
+    """
+
+    def __init__(
+        self,
+        nesting: NestingSpec | Sequence[int],
+        temperature: float = 0.1,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        self.nesting = NestingSpec.of(nesting)
+        super().__init__(len(self.nesting), weights)
+        self.temperature = _positive_temperature(temperature)
+        self.log_scale = nn.Parameter(torch.full((len(self.nesting),), math.log(1 / temperature)))
+
+    @staticmethod
+    def _logits(anchor: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """[B, K + B] similarities: each anchor with its K neighbours, then with every anchor
+        (itself masked out)."""
+        own = torch.einsum("bd,bkd->bk", anchor, neighbours)
+        batch = anchor @ anchor.T
+        self_pairs = torch.eye(len(anchor), dtype=torch.bool, device=anchor.device)
+        batch = batch.masked_fill(self_pairs, -1e4)
+        return torch.cat([own, batch], 1)
+
+    def per_dim(
+        self,
+        base_anchor: torch.Tensor,
+        base_neighbours: torch.Tensor,
+        anchor: torch.Tensor,
+        neighbours: torch.Tensor,
+    ) -> torch.Tensor:
+        """The KL at each nesting dim, shape [num_dims].
+
+        ``base_*``: normalised base embeddings, anchors [B, d] and neighbours [B, K, d];
+        ``anchor``/``neighbours``: the adaptor's outputs for the same rows.
+        """
+        teacher = torch.softmax(self._logits(base_anchor, base_neighbours) / self.temperature, 1)
+        out = []
+        for j, m in enumerate(self.nesting.dims):
+            a = nn.functional.normalize(anchor[:, :m], dim=-1)
+            n = nn.functional.normalize(neighbours[..., :m], dim=-1)
+            student = self._logits(a, n) * self.log_scale[j].exp()
+            out.append(
+                nn.functional.kl_div(student.log_softmax(1), teacher, reduction="batchmean")
+            )
+        return torch.stack(out)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """The settings that define the loss."""
+        return {**super().get_config_dict(), "dims": list(self.nesting.dims),
+                "temperature": self.temperature}

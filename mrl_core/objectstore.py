@@ -19,11 +19,13 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from mrl_core.defaults import RETRY_ATTEMPTS, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS
 
 # Lance (object_store) option -> s3fs argument; "client_kwargs." keys go into client_kwargs.
 _S3_KEYS = {
@@ -54,10 +56,6 @@ _S3_SSE = {
 # Lance (object_store client) timeout option -> botocore Config field.
 _S3_TIMEOUTS = {"timeout": "read_timeout", "request_timeout": "read_timeout", "connect_timeout": "connect_timeout"}
 
-RETRY_ATTEMPTS = 5
-"""Attempts of one object-store call (``retrying``), each itself retried by botocore/s3fs."""
-RETRY_BASE_SECONDS = 0.25
-RETRY_MAX_SECONDS = 8.0
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 """Errors that retrying cannot fix: raised at once (with the object's URL in the message)."""
 
@@ -199,9 +197,9 @@ def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
 
 
 def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write ``data`` to ``url``, all or nothing: one PUT (object stores; idempotent, so retried
-    on transient errors) or a temporary file renamed into place (local), so a crash never
-    leaves a partial file behind."""
+    """Write (or replace) ``url`` with ``data``, all or nothing: one PUT (object stores;
+    idempotent, so retried on transient errors) or a temporary file renamed into place (local).
+    A crash never leaves a partial file, and a reader sees the old bytes or the new, never a mix."""
     fs, path = url_to_fs(url, storage_options)
     if isinstance(fs, LocalFileSystem):
         _write_local_atomic(fs, path, lambda f: f.write(data))
@@ -240,19 +238,6 @@ def _write_local_atomic(fs: LocalFileSystem, path: str, write: Callable[[Any], A
             os.remove(tmp)
 
 
-def replace_atomic(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Replace the object at ``url`` so that a reader sees the old or the new bytes, never a mix.
-
-    Local files: write a temporary file beside it, then ``os.replace`` (an atomic rename). Object
-    stores: a single PUT of a small object is atomic already.
-    """
-    fs, path = url_to_fs(url, storage_options)
-    if not isinstance(fs, LocalFileSystem):
-        retrying(url, lambda: fs.pipe_file(path, data))
-        return
-    _write_local_atomic(fs, path, lambda f: f.write(data))
-
-
 def list_names(url: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Names (last path component) of the entries directly under ``url``; [] when it is absent."""
     fs, path = url_to_fs(url, storage_options)
@@ -286,14 +271,3 @@ def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
         k: (redact_url(v) if any(s in k.lower() for s in visible) else "***")
         for k, v in (options or {}).items()
     }
-
-
-def parse_options(pairs: Sequence[str]) -> dict[str, str]:
-    """``KEY=VALUE`` strings (repeated ``--storage-option`` flags) as a dict."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--storage-option expects KEY=VALUE, got {pair!r}")
-        out[key] = value
-    return out

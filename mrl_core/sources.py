@@ -12,18 +12,21 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mrl_core.objectstore import filesystem, retrying
+from mrl_core.defaults import MAX_RECORD_BYTES
+from mrl_core.objectstore import filesystem, retrying, url_to_fs
+from mrl_core.settings import FORMATS
+from mrl_core.webdataset import WebDatasetError, image_field, iter_samples
 
-FORMATS = {
+EXTENSIONS = {
     ".parquet": "parquet",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -32,8 +35,6 @@ FORMATS = {
     ".text": "text",
     ".tar": "wds",
 }
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
-DEFAULT_MAX_RECORD_BYTES = 1 << 20
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -68,13 +69,13 @@ class ShardRecords:
 def format_of(uri: str, declared: str | None = None) -> str:
     """The shard's format: ``declared`` if given, else from the file extension."""
     if declared:
-        if declared not in set(FORMATS.values()):
-            raise ValueError(f"unknown input format {declared!r}; use one of {sorted(set(FORMATS.values()))}")
+        if declared not in FORMATS:
+            raise ValueError(f"unknown input format {declared!r}; use one of {sorted(FORMATS)}")
         return declared
     ext = posixpath.splitext(uri)[1].lower()
-    if ext not in FORMATS:
+    if ext not in EXTENSIONS:
         raise ValueError(f"cannot tell the format of {uri} from its extension; pass --format")
-    return FORMATS[ext]
+    return EXTENSIONS[ext]
 
 
 def list_shards(
@@ -85,7 +86,8 @@ def list_shards(
     if any(c in url for c in "*?["):
         paths = retrying(url, lambda: fs.glob(url))
     elif retrying(url, lambda: fs.isdir(url)):
-        paths = [p for p in retrying(url, lambda: fs.find(url)) if fmt or posixpath.splitext(p)[1].lower() in FORMATS]
+        paths = [p for p in retrying(url, lambda: fs.find(url))
+                 if fmt or posixpath.splitext(p)[1].lower() in EXTENSIONS]
     elif retrying(url, lambda: fs.exists(url)):
         paths = [url]
     else:
@@ -110,7 +112,7 @@ def read_shard(
     keep: Sequence[str] = (),
     storage_options: Mapping[str, str] | None = None,
     modality: str = "text",
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> ShardRecords:
     """Read and validate one shard: columns ``_pos``, ``_input`` and the ``keep`` columns."""
     fs = filesystem(shard.uri, storage_options)
@@ -335,34 +337,21 @@ def _text(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table
 
 
 def _wds(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table, list]:
-    """WebDataset: members grouped by key (the name up to the first dot), one record per key."""
-    samples: dict[str, dict[str, bytes]] = {}
+    """WebDataset (``mrl_core.webdataset``): one record per sample key."""
+    samples: dict[str, dict[str, bytes | None]] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = posixpath.basename(member.name)
-                key, _, ext = base.partition(".")
-                key = posixpath.join(posixpath.dirname(member.name), key)
-                samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-            # tarfile stops quietly where the data ends; a complete archive ends with zero blocks.
-            # Without them the tail (whole samples, or half a header) is missing: refuse the
-            # shard rather than commit it short.
-            tar.fileobj.seek(tar.offset)
-            end = tar.fileobj.read(tarfile.BLOCKSIZE)
-            if len(end) < tarfile.BLOCKSIZE or any(end):
-                raise ShardError(uri, f"truncated tar file: it ends after {len(samples)} sample(s) "
-                                      f"without the end-of-archive marker")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ShardError(uri, f"not a readable tar file (truncated or corrupt?): {exc}") from exc
+        for key, fields in iter_samples(io.BytesIO(data), uri):
+            samples.setdefault(key, {}).update(fields)  # a key split over the tar: one record
+    except WebDatasetError as exc:
+        raise ShardError(uri, exc.reason) from exc
     rows = []
     for pos, (key, fields) in enumerate(samples.items()):
         row = {"_pos": pos, "__key__": key}
         for name in {column, *keep}:
             value = fields.get(name)
             if value is None and name in ("image", "img"):
-                value = next((fields[e] for e in IMAGE_EXTENSIONS if e in fields), None)
+                ext = image_field(fields)
+                value = fields[ext] if ext else None
             row[name] = value
         rows.append(row)
     table = pa.Table.from_pylist(rows) if rows else _empty([])
@@ -381,3 +370,32 @@ def _rows_to_table(rows: list[dict], column: str, keep: list[str]) -> pa.Table:
     if not rows:
         return _empty(keep).rename_columns(["_pos", column, *keep])
     return pa.Table.from_pylist(rows)
+
+
+def read_table(
+    uri: str,
+    columns: Sequence[str],
+    max_rows: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> pa.Table:
+    """Columns of a Parquet/JSONL/CSV file or directory (local path or fsspec URL) as one
+    Arrow table (the first ``max_rows`` rows); errors name the file, and its columns."""
+    import pyarrow.dataset as ds
+
+    fs, path = url_to_fs(uri, storage_options)
+    name = path.rstrip("/").lower()
+    fmt = "parquet"
+    if name.endswith((".jsonl", ".json")):
+        fmt = "json"
+    elif name.endswith(".csv"):
+        fmt = "csv"
+    try:
+        dataset = ds.dataset(path, filesystem=fs, format=fmt)
+    except (FileNotFoundError, OSError) as exc:
+        raise FileNotFoundError(f"cannot read {uri}: {exc}") from exc
+    missing = [c for c in columns if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"{uri} has no column(s) {missing}; it has {dataset.schema.names}")
+    if max_rows:
+        return dataset.head(max_rows, columns=list(columns))
+    return dataset.to_table(columns=list(columns))

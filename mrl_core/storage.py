@@ -201,23 +201,21 @@ def delete_shards(ds: lance.LanceDataset, shards: Iterable[str]) -> int:
     return n
 
 
-def read_vectors(
-    ds: lance.LanceDataset, dim: int, ids: np.ndarray | None = None, batch_rows: int = 1 << 16
-) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, float32 [N, dim]) of the ``emb_<dim>`` column, all rows or those with ``ids``."""
-    column = emb_column(dim)
-    if column not in ds.schema.names:
-        raise StorageError(f"dataset {ds.uri} has no column {column}; stored: {embedding_dims(ds.schema)}")
-    scan_filter = None
-    if ids is not None:
-        scan_filter = f"id IN ({', '.join(str(int(i)) for i in ids)})" if len(ids) else "false"
-    table = ds.to_table(columns=["id", column], filter=scan_filter, batch_size=batch_rows)
-    return table["id"].to_numpy(), fixed_size_list_to_numpy(table[column], dim)
-
-
-def fixed_size_list_to_numpy(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
-    """A ``fixed_size_list<float>[dim]`` column as a float32 [N, dim] matrix."""
+def column_to_numpy(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """A ``fixed_size_list`` column as [N, dim] numpy in its stored float type (float16 stays)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
-    values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
-    return values.astype(np.float32, copy=False).reshape(-1, dim)
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def rows_signature(ds: lance.LanceDataset) -> str:
+    """A hash of which rows a dataset version holds (fragments, their row counts and deletions).
+
+    Two versions with the same signature hold the same rows (a config update does not change it),
+    so an index built on one serves the other.
+    """
+    parts = sorted(
+        (m.id, m.physical_rows, json.dumps(m.to_json().get("deletion_file"), sort_keys=True))
+        for m in (f.metadata for f in ds.get_fragments())
+    )
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]

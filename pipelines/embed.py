@@ -27,12 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from mrl_core.encoders import DEFAULT_ENCODER, get_encoder
+from mrl_core.defaults import ENCODER, FRAGMENT_ROWS, MAX_RECORD_BYTES
+from mrl_core.encoders import get_encoder
 from mrl_core.ledger import CommitLog, clear_uncommitted
 from mrl_core.nesting import NestingSpec
-from mrl_core.objectstore import parse_options, redact
+from mrl_core.objectstore import redact
 from mrl_core.progress import Progress
-from mrl_core.sources import DEFAULT_MAX_RECORD_BYTES, Shard, list_shards
+from mrl_core.settings import DTYPES, FORMATS, EmbedSettings
+from mrl_core.sources import Shard, list_shards
 from mrl_core.storage import (
     INFO_KEY,
     DatasetInfo,
@@ -41,10 +43,10 @@ from mrl_core.storage import (
     read_ledger,
     try_open,
 )
+from pipelines.cli import configure_logging, key_value
 from pipelines.embed_plan import PlanConfig, build_plan
 
 DEFAULT_DATA_DIR = Path("data")
-TEXT_CHUNK_ROWS = 1 << 16
 
 
 @dataclass
@@ -95,54 +97,49 @@ class EmbedSummary:
 
 @dataclass
 class EmbedConfig:
-    """Options of one embed run (the CLI's flags)."""
+    """One embed run: input and output, the dataset's settings, and how to run (the CLI's flags)."""
 
     input: str
     output: str
-    encoder: str = DEFAULT_ENCODER
-    dims: Sequence[int] | None = None
-    dtype: str = "float16"
-    text_column: str = "text"
-    keep: Sequence[str] = ()
-    id_column: str | None = None
-    format: str | None = None
+    settings: EmbedSettings = field(default_factory=EmbedSettings)
     storage_options: dict[str, str] = field(default_factory=dict, repr=False)  # may hold credentials
     input_storage_options: dict[str, str] | None = field(default=None, repr=False)
     commit_every: int = 8
     on_error: str = "fail"
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     actors: int | None = None
     gpus_per_actor: float | None = None
     batch_rows: int = 4096
     max_shards: int | None = None
     progress: bool = True
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _dataset_info(cfg: EmbedConfig) -> tuple[DatasetInfo, Any]:
-    encoder = get_encoder(cfg.encoder, device="cpu", **cfg.encoder_kwargs)
-    dims = NestingSpec.for_model(encoder.dim, cfg.dims).dims if cfg.dims else encoder.nesting.dims
+def _dataset_info(settings: EmbedSettings) -> tuple[DatasetInfo, Any]:
+    encoder = get_encoder(settings.encoder, device="cpu", **settings.encoder_options)
+    nesting = NestingSpec.for_model(encoder.dim, settings.dims) if settings.dims else encoder.nesting
     info = DatasetInfo(
-        encoder=cfg.encoder, fingerprint=encoder.fingerprint, full_dim=encoder.dim, dims=tuple(dims),
-        trained_dims=tuple(encoder.nesting.dims), dtype=cfg.dtype, modality=encoder.modality,
+        encoder=settings.encoder, fingerprint=encoder.fingerprint, full_dim=encoder.dim,
+        dims=tuple(nesting.dims), trained_dims=tuple(encoder.nesting.dims), dtype=settings.dtype,
+        modality=encoder.modality,
     )
     return info, encoder
 
 
 def _passthrough_fields(shard: Shard, cfg: EmbedConfig) -> list[pa.Field]:
     """Types of the kept columns, read off the first shard (strings for JSONL/text/tar)."""
-    if not cfg.keep:
+    keep = cfg.settings.keep
+    if not keep:
         return []
     if shard.format == "parquet":
         from mrl_core.objectstore import filesystem
 
         with filesystem(shard.uri, cfg.input_storage_options).open(shard.uri, "rb") as f:
             schema = pq.read_schema(f)
-        missing = [k for k in cfg.keep if k not in schema.names]
+        missing = [k for k in keep if k not in schema.names]
         if missing:
-            raise ValueError(f"shard {shard.uri}: no column {missing[0]!r} to keep (columns: {', '.join(schema.names)})")
-        return [schema.field(k) for k in cfg.keep]
-    return [pa.field(k, pa.string()) for k in cfg.keep]
+            raise ValueError(f"shard {shard.uri}: no column {missing[0]!r} to keep "
+                             f"(columns: {', '.join(schema.names)})")
+        return [schema.field(k) for k in keep]
+    return [pa.field(k, pa.string()) for k in keep]
 
 
 def open_or_create(cfg: EmbedConfig, info: DatasetInfo, schema: pa.Schema) -> lance.LanceDataset:
@@ -178,28 +175,27 @@ def _resources(cfg: EmbedConfig) -> tuple[int, float | None]:
 def _chunk_rows(cfg: EmbedConfig, modality: str) -> int:
     """Records per chunk: read, tokenised and written together (one Lance fragment each).
 
-    Text goes in chunks of at least ``TEXT_CHUNK_ROWS``: the tokeniser's batch encoding needs
+    Text goes in chunks of at least ``FRAGMENT_ROWS``: the tokeniser's batch encoding needs
     big batches to keep every core busy, and big fragments keep the dataset quick to open.
     """
-    return max(cfg.batch_rows, TEXT_CHUNK_ROWS) if modality == "text" else cfg.batch_rows
+    return max(cfg.batch_rows, FRAGMENT_ROWS) if modality == "text" else cfg.batch_rows
 
 
 def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     """Embed every shard under ``cfg.input`` not yet committed to ``cfg.output``."""
     if cfg.on_error not in ("fail", "skip"):
         raise ValueError(f"--on-error must be 'fail' or 'skip', got {cfg.on_error!r}")
-    if cfg.dtype not in ("float16", "float32"):
-        raise ValueError(f"--dtype must be float16 or float32, got {cfg.dtype!r}")
     if cfg.commit_every < 1:
         raise ValueError(f"--commit-every must be >= 1, got {cfg.commit_every}")
     start = time.perf_counter()
     summary = EmbedSummary(output=cfg.output)
     in_opts = cfg.input_storage_options if cfg.input_storage_options is not None else cfg.storage_options
     cfg.input_storage_options = in_opts
-    shards = list_shards(cfg.input, in_opts, cfg.format)
+    shards = list_shards(cfg.input, in_opts, cfg.settings.format)
     summary.shards_total = len(shards)
-    info, encoder = _dataset_info(cfg)
-    schema = make_schema(info.dims, cfg.dtype, _passthrough_fields(shards[0], cfg))
+    info, encoder = _dataset_info(cfg.settings)
+    settings = cfg.settings.with_(dims=info.dims)
+    schema = make_schema(info.dims, settings.dtype, _passthrough_fields(shards[0], cfg))
     ds = open_or_create(cfg, info, schema)
     ledger = read_ledger(ds)
     todo = [s for s in shards if s.uri not in ledger]
@@ -217,15 +213,13 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
     actors, gpus_per_actor = _resources(cfg)
     summary.encode_actors, summary.gpus = actors, actors * (gpus_per_actor or 0.0)
     plan_cfg = PlanConfig(
-        output=cfg.output, encoder=cfg.encoder, dims=info.dims, dtype=cfg.dtype,
-        input_column=cfg.text_column, keep=tuple(cfg.keep), id_column=cfg.id_column,
-        modality=info.modality, max_record_bytes=cfg.max_record_bytes, on_error=cfg.on_error,
-        storage_options=tuple(cfg.storage_options.items()), input_storage_options=tuple(in_opts.items()),
-        encoder_kwargs=tuple(cfg.encoder_kwargs.items()), chunk_rows=_chunk_rows(cfg, info.modality),
-        keep_schema=pa.schema([schema.field(k) for k in cfg.keep]),
+        output=cfg.output, settings=settings, modality=info.modality, on_error=cfg.on_error,
+        storage_options=tuple(cfg.storage_options.items()),
+        input_storage_options=tuple(in_opts.items()), chunk_rows=_chunk_rows(cfg, info.modality),
+        keep_schema=pa.schema([schema.field(k) for k in settings.keep]),
     )
     log = CommitLog(cfg.output, cfg.storage_options or None)
-    progress = Progress(total_shards=len(todo), enabled=cfg.progress)
+    progress = Progress(len(todo), "embed", enabled=cfg.progress)
     plan = build_plan(todo, plan_cfg, schema, actors, gpus_per_actor, cfg.batch_rows,
                       preprocessor=getattr(encoder, "preprocessor", None))
     stage_seconds = {"read": 0.0, "preprocess": 0.0, "encode": 0.0, "write": 0.0}
@@ -238,7 +232,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
                                ("_t_write", "write")):
                 stage_seconds[stage] += row[key]
             _collect(report, summary)
-            progress.update(rows=int(row["rows"]), shards_done=len(_done(log)))
+            progress.update(rows=int(row["rows"]), done=len(_done(log)))
             if log.completed_count >= cfg.commit_every:
                 log.commit()
         log.commit()
@@ -309,13 +303,56 @@ def _record_skips(cfg: EmbedConfig, summary: EmbedSummary) -> None:
 
 def default_corpus(data_dir: Path = DEFAULT_DATA_DIR) -> str:
     """Gather this machine's docstrings as Parquet shards (once) and return their folder."""
-    from mrl_core.local_corpus import gather
+    from mrl_core.local_corpus import write_docstring_shards
 
     out = data_dir / "docstrings"
     print(f"gathering the docstrings of this machine's Python packages into {out} ...", flush=True)
-    shards = gather(out)
+    shards = write_docstring_shards(out)
     print(f"  {len(shards)} shard(s): {(out / '_SUCCESS').read_text().strip()}", flush=True)
     return str(out)
+
+
+def parse_dims(text: str) -> tuple[int, ...]:
+    """``"64,128,256"`` as a tuple of ints (an argparse ``type``)."""
+    try:
+        return tuple(int(d) for d in text.split(",") if d.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def parse_names(text: str) -> tuple[str, ...]:
+    """``"url,title"`` as a tuple of column names (an argparse ``type``)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``EmbedSettings``: what shapes the dataset's rows (embed and re-index)."""
+    g = p.add_argument_group("dataset settings", "what shapes the rows (recorded in the dataset)")
+    g.add_argument("--encoder", default=ENCODER, help="encoder spec: wordllama-256, static:/dir, "
+                   "hf:/dir, mrl-resnet50:/ckpt.pt, adaptor:/dir")
+    g.add_argument("--dims", type=parse_dims, default=(), help="comma-separated dims to store as "
+                   "emb_<d> columns (default: the encoder's trained nesting dims; the full dim is "
+                   "always stored)")
+    g.add_argument("--dtype", default="float16", choices=DTYPES, help="stored vector type")
+    g.add_argument("--text-column", default="text", help="column (Parquet/JSONL) or WebDataset "
+                   "extension holding the text or image bytes")
+    g.add_argument("--keep", type=parse_names, default=(),
+                   help="comma-separated columns copied into the dataset")
+    g.add_argument("--id-column", help="use this int64 column as the row id instead of one "
+                   "derived from the shard URI and row position")
+    g.add_argument("--format", choices=FORMATS, help="input format (default: from each file's "
+                   "extension)")
+    g.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help="records larger than this are skipped and reported")
+
+
+def settings_from_args(args: argparse.Namespace) -> EmbedSettings:
+    """The ``EmbedSettings`` that ``add_settings_arguments``' flags describe."""
+    return EmbedSettings(
+        encoder=args.encoder, dims=args.dims, dtype=args.dtype, text_column=args.text_column,
+        keep=args.keep, id_column=args.id_column, format=args.format,
+        max_record_bytes=args.max_record_bytes,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,69 +364,61 @@ def build_parser() -> argparse.ArgumentParser:
         "allow_http, ...) and also configure fsspec for reading the input; credentials may "
         "also come from the environment (AWS_*), which is preferred.",
     )
-    p.add_argument("--input", help="fsspec URL, directory or glob of input shards (one file = one shard); "
-                   "omitted: a corpus of this machine's Python docstrings")
+    p.add_argument("--input", help="fsspec URL, directory or glob of input shards (one file = one "
+                   "shard); omitted: a corpus of this machine's Python docstrings")
     p.add_argument("--output", help="Lance dataset URI to create or append to "
                    f"(default with no --input: {DEFAULT_DATA_DIR}/docstrings.lance)")
-    p.add_argument("--encoder", default=DEFAULT_ENCODER,
-                   help="encoder spec: wordllama-256, static:/dir, hf:/dir, mrl-resnet50:/ckpt.pt, adaptor:/dir")
-    p.add_argument("--dims", help="comma-separated dims to store as emb_<d> columns (default: the "
-                   "encoder's trained nesting dims; the full dim is always stored)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored vector type")
-    p.add_argument("--text-column", default="text",
-                   help="column (Parquet/JSONL) or WebDataset extension holding the text or image bytes")
-    p.add_argument("--keep", default="", help="comma-separated columns copied into the dataset")
-    p.add_argument("--id-column", help="use this int64 column as the row id instead of one derived "
-                   "from the shard URI and row position")
-    p.add_argument("--format", choices=["parquet", "jsonl", "text", "wds"],
-                   help="input format (default: from each file's extension)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="object-store option for input and output (repeatable)")
-    p.add_argument("--input-storage-option", action="append", default=None, metavar="KEY=VALUE",
+    add_settings_arguments(p)
+    p.add_argument("--storage-option", type=key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="object-store option for input and output (repeatable)")
+    p.add_argument("--input-storage-option", type=key_value, action="append", default=None,
+                   metavar="KEY=VALUE",
                    help="object-store option for the input only, if it differs (repeatable)")
-    p.add_argument("--commit-every", type=int, default=8, help="commit after this many completed shards")
+    p.add_argument("--commit-every", type=int, default=8,
+                   help="commit after this many completed shards")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="an unreadable shard stops the job (fail) or is reported and left out (skip); "
-                   "bad records are always skipped and counted")
-    p.add_argument("--max-record-bytes", type=int, default=DEFAULT_MAX_RECORD_BYTES,
-                   help="records larger than this are skipped and reported")
-    p.add_argument("--actors", type=int, help="encoder actors (default: one per GPU); without GPUs, "
-                   "concurrent CPU tasks that each read, tokenise, encode and write a shard (default: one per CPU)")
-    p.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder actor, fractional allowed (default 1 "
-                   "when GPUs exist; 0 runs the GPU layout, separate encoder actors, on the CPU)")
+                   help="an unreadable shard stops the job (fail) or is reported and left out "
+                   "(skip); bad records are always skipped and counted")
+    p.add_argument("--actors", type=int, help="encoder actors (default: one per GPU); without "
+                   "GPUs, concurrent CPU tasks that each read, tokenise, encode and write a shard "
+                   "(default: one per CPU)")
+    p.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder actor, fractional "
+                   "allowed (default 1 when GPUs exist; 0 runs the GPU layout, separate encoder "
+                   "actors, on the CPU)")
     p.add_argument("--batch-rows", type=int, default=4096,
-                   help="rows per batch to the encoder actors; device calls inside are sized by tokens/pixels. "
-                   f"Text is read, tokenised and written in chunks of at least {TEXT_CHUNK_ROWS:,} rows")
+                   help="rows per batch to the encoder actors; device calls inside are sized by "
+                   "tokens/pixels. Text is read, tokenised and written in chunks of at least "
+                   f"{FRAGMENT_ROWS:,} rows")
     p.add_argument("--max-shards", type=int, help="embed at most this many new shards in this run")
     p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and other libraries' logs")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
-    args = build_parser().parse_args(argv)
-    demo = args.input is None
-    if demo:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose, quiet=args.no_progress)
+    if args.input is None:
         args.input = default_corpus()
         args.output = args.output or str(DEFAULT_DATA_DIR / "docstrings.lance")
-        args.keep = args.keep or "source,object"
+        args.keep = args.keep or ("source", "object")
     if not args.output:
-        raise SystemExit("--output is required when --input is given")
-    options = parse_options(args.storage_option)
+        parser.error("--output is required when --input is given")
+    options = dict(args.storage_option)
+    in_options = args.input_storage_option
     cfg = EmbedConfig(
-        input=args.input, output=args.output, encoder=args.encoder,
-        dims=[int(d) for d in args.dims.split(",")] if args.dims else None, dtype=args.dtype,
-        text_column=args.text_column, keep=[k for k in args.keep.split(",") if k],
-        id_column=args.id_column, format=args.format, storage_options=options,
-        input_storage_options=parse_options(args.input_storage_option) if args.input_storage_option else None,
-        commit_every=args.commit_every, on_error=args.on_error, max_record_bytes=args.max_record_bytes,
-        actors=args.actors, gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows,
+        input=args.input, output=args.output, settings=settings_from_args(args),
+        storage_options=options, input_storage_options=None if in_options is None else dict(in_options),
+        commit_every=args.commit_every, on_error=args.on_error, actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows,
         max_shards=args.max_shards, progress=not args.no_progress,
     )
     if args.ray_address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=args.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=False)
-    print(f"embedding {cfg.input} -> {cfg.output} with {cfg.encoder}"
+    print(f"embedding {cfg.input} -> {cfg.output} with {cfg.settings.encoder}"
           + (f" (storage options {redact(options)})" if options else ""), flush=True)
     try:
         summary = run_embed(cfg)

@@ -27,8 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from mrl_core.defaults import FRAGMENT_ROWS
 from mrl_core.encoders import get_encoder
 from mrl_core.ledger import encode_positions
+from mrl_core.settings import EmbedSettings
 from mrl_core.sources import Shard, ShardError, read_shard
 from mrl_core.storage import derive_ids, embedding_arrays
 
@@ -37,22 +39,16 @@ META_COLUMNS = ["_pos", "_total", "_version", "_skipped", "_error", "_t_read", "
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """What every stage needs to know; small and picklable."""
+    """What every stage needs: the dataset's settings, where to write, how to treat errors.
+    Small and picklable."""
 
     output: str
-    encoder: str
-    dims: tuple[int, ...]
-    dtype: str
-    input_column: str
-    keep: tuple[str, ...]
-    id_column: str | None
+    settings: EmbedSettings  # with its dims resolved: the columns written
     modality: str
-    max_record_bytes: int
     on_error: str
     storage_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     input_storage_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    encoder_kwargs: tuple[tuple[str, Any], ...] = ()
-    chunk_rows: int = 1 << 16  # records read, tokenised and written together (one fragment)
+    chunk_rows: int = FRAGMENT_ROWS  # records read, tokenised and written together (one fragment)
     keep_schema: pa.Schema | None = None  # the dataset's types of the kept columns
 
     @property
@@ -91,10 +87,10 @@ def _read_one(shard: Shard, cfg: PlanConfig) -> pa.Table:
     """Stage 1: read and validate one shard, assign ids; a failed or empty shard becomes one
     placeholder row (``_pos`` -1) that reports it."""
     start = time.perf_counter()
-    keep = [*cfg.keep, *([cfg.id_column] if cfg.id_column and cfg.id_column not in cfg.keep else [])]
+    s = cfg.settings
     try:
-        records = read_shard(shard, cfg.input_column, keep, dict(cfg.input_storage_options),
-                             cfg.modality, cfg.max_record_bytes)
+        records = read_shard(shard, s.text_column, s.read_columns, dict(cfg.input_storage_options),
+                             cfg.modality, s.max_record_bytes)
         _check_columns(records.table, shard, cfg)
     except ShardError as exc:
         if cfg.on_error == "fail":
@@ -120,29 +116,33 @@ def _check_columns(table: pa.Table, shard: Shard, cfg: PlanConfig) -> None:
             table.select(cfg.keep_schema.names).cast(cfg.keep_schema)
         except _ARROW_CAST_ERRORS as exc:
             raise ShardError(shard.uri, f"kept column types do not match the dataset's "
-                                        f"({', '.join(f'{f.name}: {f.type}' for f in cfg.keep_schema)}): {exc}") from exc
-    if cfg.id_column:
-        column = table.column(cfg.id_column)
+                                        f"({', '.join(f'{f.name}: {f.type}' for f in cfg.keep_schema)}): "
+                                        f"{exc}") from exc
+    id_column = cfg.settings.id_column
+    if id_column:
+        column = table.column(id_column)
         try:
             ids = column.cast(pa.int64())
         except _ARROW_CAST_ERRORS as exc:
-            raise ShardError(shard.uri, f"id column {cfg.id_column!r} is {column.type}, not integers") from exc
+            raise ShardError(shard.uri, f"id column {id_column!r} is {column.type}, not integers") from exc
         if ids.null_count:
-            raise ShardError(shard.uri, f"id column {cfg.id_column!r} has {ids.null_count} null value(s)")
+            raise ShardError(shard.uri, f"id column {id_column!r} has {ids.null_count} null value(s)")
         values = ids.to_numpy()
         if (values < 0).any():
-            raise ShardError(shard.uri, f"id column {cfg.id_column!r} has negative ids (first: {values[values < 0][0]})")
+            raise ShardError(shard.uri, f"id column {id_column!r} has negative ids "
+                                        f"(first: {values[values < 0][0]})")
         if len(np.unique(values)) != len(values):
-            raise ShardError(shard.uri, f"id column {cfg.id_column!r} repeats ids within the shard")
+            raise ShardError(shard.uri, f"id column {id_column!r} repeats ids within the shard")
 
 
 def _finish_read(table: pa.Table, shard: Shard, cfg: PlanConfig, total: int, skipped: list,
              error: str | None, start: float) -> pa.Table:
     pos = table.column("_pos").to_numpy()
-    if cfg.id_column and error is None and pos[0] >= 0:
-        ids = table.column(cfg.id_column).cast(pa.int64())
-        if cfg.id_column not in cfg.keep:
-            table = table.drop_columns([cfg.id_column])
+    id_column = cfg.settings.id_column
+    if id_column and error is None and pos[0] >= 0:
+        ids = table.column(id_column).cast(pa.int64())
+        if id_column not in cfg.settings.keep:
+            table = table.drop_columns([id_column])
     else:
         ids = pa.array(derive_ids(shard.uri, np.maximum(pos, 0)), pa.int64())
     table = table.append_column("id", ids).append_column("shard", _column(table.num_rows, shard.uri, pa.string()))
@@ -150,8 +150,8 @@ def _finish_read(table: pa.Table, shard: Shard, cfg: PlanConfig, total: int, ski
 
 
 @lru_cache(maxsize=2)
-def _cached_encoder(spec: str, device: str | None, kwargs: tuple) -> Any:
-    return get_encoder(spec, device=device, **dict(kwargs))
+def _cached_encoder(settings: EmbedSettings, device: str | None) -> Any:
+    return get_encoder(settings.encoder, device=device, **settings.encoder_options)
 
 
 @lru_cache(maxsize=4)
@@ -165,7 +165,7 @@ def _preprocessor(cfg: PlanConfig, preprocessor: Any) -> Any:
         return _fetch(preprocessor)
     if preprocessor is not None:
         return preprocessor
-    enc = _cached_encoder(cfg.encoder, "cpu", cfg.encoder_kwargs)
+    enc = _cached_encoder(cfg.settings, "cpu")
     return getattr(enc, "preprocessor", None) or enc.preprocess
 
 
@@ -273,7 +273,7 @@ class Encode:
 
         self.cfg = cfg
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.encoder = get_encoder(cfg.encoder, device=device, **dict(cfg.encoder_kwargs))
+        self.encoder = get_encoder(cfg.settings.encoder, device=device, **cfg.settings.encoder_options)
         self.busy = 0.0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -290,7 +290,7 @@ def encode(batch: pa.Table, cfg: PlanConfig, encoder: Any = None) -> pa.Table:
     """
     start = time.perf_counter()
     if encoder is None:
-        encoder = _cached_encoder(cfg.encoder, "cpu", cfg.encoder_kwargs)
+        encoder = _cached_encoder(cfg.settings, "cpu")
     rows = np.flatnonzero(_embeddable(batch))
     if len(rows) == batch.num_rows:
         emb = encoder.embed_features(columns_to_features(batch, rows))
@@ -306,7 +306,7 @@ def encode(batch: pa.Table, cfg: PlanConfig, encoder: Any = None) -> pa.Table:
             errors[i] = errors[i] or "the encoder produced NaN or inf"
         batch = batch.set_column(batch.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
     batch = batch.drop_columns([c for c in batch.column_names if c.startswith("_f_")])
-    for name, col in embedding_arrays(emb, cfg.dims, cfg.dtype).items():
+    for name, col in embedding_arrays(emb, cfg.settings.dims, cfg.settings.dtype).items():
         batch = batch.append_column(name, col)
     elapsed = time.perf_counter() - start
     return batch.append_column("_t_enc", _column(batch.num_rows, elapsed / max(batch.num_rows, 1), pa.float64()))

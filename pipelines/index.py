@@ -15,9 +15,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mrl_core.objectstore import parse_options
-
-DEFAULT_SHORTLISTS = (100, 200, 500, 1000, 2000)  # mrl_core.funnel.DEFAULT_SHORTLISTS, kept import-free
+from mrl_core.defaults import (
+    CALIBRATION_QUERIES,
+    CALIBRATION_ROWS,
+    SHORTLISTS,
+    TARGET_RECALL,
+    TIER0_CANDIDATES,
+    K,
+)
+from pipelines.cli import configure_logging, key_value
 
 
 def parse_ints(text: str) -> list[int]:
@@ -39,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="Lance dataset URI written by pipelines/embed.py")
     p.add_argument("--index-uri", help="where index versions live (default: <dataset>.indexes)")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   type=key_value,
                    help="object-store option for the dataset and the index (repeatable)")
     p.add_argument("--factory", help="FAISS factory string for tier 0 (default: by corpus size and memory: "
                    "IDMap,Flat below 200k rows; below 10M IDMap,PQ<d/2>x4fs and IVF<n>,{Flat|SQ8|SQ4} "
@@ -46,16 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--funnel", default="auto", help="'auto' (calibrate), 'paper' (16-32-64-128-256-full "
                    "on 200-100-50-25-10 over the stored dims) or a schedule like '64:1000,128:200,256'")
     p.add_argument("--tier0-dim", type=int, help="calibrate only schedules starting at this stored dim")
-    p.add_argument("--target-recall", type=float, default=0.99,
+    p.add_argument("--target-recall", type=float, default=TARGET_RECALL,
                    help="recall@k (ties counted) against exact full-dim search the schedule must reach")
-    p.add_argument("--k", type=int, default=10, help="the k of recall@k used for calibration")
-    p.add_argument("--calibration-queries", type=int, default=1000,
+    p.add_argument("--k", type=int, default=K, help="the k of recall@k used for calibration")
+    p.add_argument("--calibration-queries", type=int, default=CALIBRATION_QUERIES,
                    help="corpus rows searched as queries when calibrating (each left out of its own results)")
-    p.add_argument("--calibration-rows", type=int, default=2_000_000,
+    p.add_argument("--calibration-rows", type=int, default=CALIBRATION_ROWS,
                    help="calibrate on a uniform sample of this many rows when the corpus is larger")
-    p.add_argument("--shortlists", type=parse_ints, default=list(DEFAULT_SHORTLISTS),
+    p.add_argument("--shortlists", type=parse_ints, default=list(SHORTLISTS),
                    help="tier-0 shortlist sizes calibration tries (comma-separated)")
-    p.add_argument("--tier0-candidates", type=int, default=2,
+    p.add_argument("--tier0-candidates", type=int, default=TIER0_CANDIDATES,
                    help="how many of the smallest tier-0 dims reaching the target are built and timed")
     p.add_argument("--max-bytes-per-vector", type=float,
                    help="tier-0 memory budget per row (codes + 8-byte id); default 1/8 of full-dim float32")
@@ -71,18 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration and training samples")
     p.add_argument("--no-make-current", action="store_true",
                    help="publish the version without pointing CURRENT at it")
-    p.add_argument("--keep", type=int, help="after publishing, delete all but the newest KEEP versions (>= 2 advised)")
+    p.add_argument("--keep", type=int,
+                   help="after publishing, delete all but the newest KEEP versions (>= 2 advised)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show debug lines and other libraries' logs (on stderr)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
     # imported here so that --help is instant
     from mrl_core.funnel import FunnelSchedule
-    from mrl_core.index import build_index, default_index_uri, human_bytes, prune_versions
+    from mrl_core.index import BuildOptions, CalibrationOptions, build_index, human_bytes
+    from mrl_core.index_store import default_index_uri, prune_versions
 
-    options = parse_options(args.storage_option)
+    options = dict(args.storage_option)
     funnel: str | FunnelSchedule = args.funnel
     if funnel not in ("auto", "paper"):
         try:
@@ -94,21 +106,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.dataset,
             index_uri=args.index_uri,
             storage_options=options,
-            factory=args.factory,
             funnel=funnel,
-            tier0_dim=args.tier0_dim,
-            target_recall=args.target_recall,
-            k=args.k,
-            calibration_queries=args.calibration_queries,
-            calibration_rows=args.calibration_rows,
-            shortlist_sizes=args.shortlists,
-            tier0_candidates=args.tier0_candidates,
-            max_bytes_per_vector=args.max_bytes_per_vector,
-            train_rows=args.train_rows,
-            use_ray=args.use_ray,
-            gpu=args.gpu,
-            seed=args.seed,
             make_current=not args.no_make_current,
+            options=BuildOptions(
+                factory=args.factory,
+                max_bytes_per_vector=args.max_bytes_per_vector,
+                train_rows=args.train_rows,
+                use_ray=args.use_ray,
+                gpu=args.gpu,
+                seed=args.seed,
+            ),
+            calibration=CalibrationOptions(
+                target_recall=args.target_recall,
+                k=args.k,
+                calibration_queries=args.calibration_queries,
+                calibration_rows=args.calibration_rows,
+                shortlist_sizes=args.shortlists,
+                tier0_candidates=args.tier0_candidates,
+                tier0_dim=args.tier0_dim,
+            ),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

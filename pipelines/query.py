@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mrl_core.objectstore import parse_options
+from pipelines.cli import configure_logging, key_value
 
 DEFAULT_HIDDEN = ("id", "shard")
 
@@ -30,24 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", help="comma-separated dataset columns to show "
                    "(default: every column but id, shard and the embeddings)")
     p.add_argument("--index-uri", help="where the index lives (default: <dataset>.indexes)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--storage-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="object-store option for the dataset and the index (repeatable)")
     p.add_argument("--allow-stale-index", action="store_true",
                    help="search an index built for other rows than the dataset holds now")
     p.add_argument("--max-width", type=int, default=80, help="truncate shown text columns to this many characters")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
+    p.add_argument("--verbose", action="store_true", help="show other libraries' logs")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
     from mrl_core.corpus import Corpus  # imported here so that --help is instant
     from mrl_core.storage import EMB_PREFIX
 
     try:
         corpus = Corpus.open(
-            args.dataset, parse_options(args.storage_option), index_uri=args.index_uri,
+            args.dataset, dict(args.storage_option), index_uri=args.index_uri,
             allow_stale_index=args.allow_stale_index, require_index=not args.exact,
         )
         if args.columns is None:

@@ -20,19 +20,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from mrl_core.encoders import DEFAULT_ENCODER
-from mrl_core.index import (
+from mrl_core.defaults import GROWTH_FACTOR, MIN_RECALL, TARGET_RECALL
+from mrl_core.index_store import (
     IndexNotFoundError,
     default_index_uri,
     prune_versions,
     read_manifest,
-    rows_signature,
 )
 from mrl_core.index_update import ids_of_shards, sync_version_tags, update_index
-from mrl_core.objectstore import parse_options
+from mrl_core.settings import EmbedSettings
 from mrl_core.sources import list_shards
-from mrl_core.storage import delete_shards, ledger_updates, read_ledger, try_open
-from pipelines.embed import EmbedConfig, EmbedError, run_embed
+from mrl_core.storage import delete_shards, ledger_updates, read_ledger, rows_signature, try_open
+from pipelines.cli import configure_logging, key_value
+from pipelines.embed import (
+    EmbedConfig,
+    EmbedError,
+    add_settings_arguments,
+    run_embed,
+    settings_from_args,
+)
 
 
 @dataclass
@@ -42,16 +48,12 @@ class ReindexConfig:
     input: str
     dataset: str
     index_uri: str | None = None
-    encoder: str = DEFAULT_ENCODER
-    dims: Sequence[int] | None = None
-    text_column: str = "text"
-    keep: Sequence[str] = ()
-    format: str | None = None
+    settings: EmbedSettings = field(default_factory=EmbedSettings)
     storage_options: dict[str, str] = field(default_factory=dict, repr=False)  # may hold credentials
     keep_removed: bool = False
-    growth_factor: float = 2.0
-    min_recall: float = 0.98
-    target_recall: float = 0.99
+    growth_factor: float = GROWTH_FACTOR
+    min_recall: float = MIN_RECALL
+    target_recall: float = TARGET_RECALL
     factory: str | None = None
     compact: bool = False
     keep_index_versions: int = 3
@@ -96,7 +98,8 @@ class ReindexSummary:
             f"  rows: {self.rows_embedded:,} embedded, {self.rows_removed:,} removed",
             f"  index: {self.index_action} ({self.index_reason}) -> {self.index_version}{recall}",
             *(["  compacted the dataset"] if self.compacted else []),
-            *([f"  pruned index versions {', '.join(self.pruned_index_versions)}"] if self.pruned_index_versions else []),
+            *([f"  pruned index versions {', '.join(self.pruned_index_versions)}"]
+              if self.pruned_index_versions else []),
         ]))
 
 
@@ -116,7 +119,7 @@ def run_reindex(cfg: ReindexConfig) -> ReindexSummary:
     summary = ReindexSummary()
     opts = cfg.storage_options
     index_uri = cfg.index_uri or default_index_uri(cfg.dataset)
-    shards = list_shards(cfg.input, opts, cfg.format)
+    shards = list_shards(cfg.input, opts, cfg.settings.format)
     present = {s.uri for s in shards}
     ds = try_open(cfg.dataset, opts)
     ledger = read_ledger(ds) if ds is not None else {}
@@ -134,8 +137,7 @@ def run_reindex(cfg: ReindexConfig) -> ReindexSummary:
 
     if summary.shards_new or summary.shards_changed:
         embedded = run_embed(EmbedConfig(
-            input=cfg.input, output=cfg.dataset, encoder=cfg.encoder, dims=cfg.dims,
-            text_column=cfg.text_column, keep=cfg.keep, format=cfg.format, storage_options=opts,
+            input=cfg.input, output=cfg.dataset, settings=cfg.settings, storage_options=opts,
             commit_every=cfg.commit_every, on_error=cfg.on_error, progress=cfg.progress,
         ))
         summary.rows_embedded = embedded.rows_written
@@ -154,7 +156,6 @@ def run_reindex(cfg: ReindexConfig) -> ReindexSummary:
             cfg.dataset, removed_ids=removed_ids if removed_ids is not None else [], added_shards=added,
             index_uri=index_uri, storage_options=opts, growth_factor=cfg.growth_factor,
             min_recall=cfg.min_recall, target_recall=cfg.target_recall, factory=cfg.factory,
-            log=print if cfg.progress else None,
         )
         summary.index_action, summary.index_reason = update.action, update.reason
         summary.index_version, summary.recall = update.manifest.version, update.recall
@@ -174,19 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="fsspec URL, directory or glob of the input shards")
     p.add_argument("--dataset", required=True, help="the Lance dataset the shards are embedded into")
     p.add_argument("--index-uri", help="where the index versions live (default: <dataset>.indexes)")
-    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="encoder spec (must match the dataset's)")
-    p.add_argument("--dims", help="comma-separated stored dims (first run only; default: the encoder's)")
-    p.add_argument("--text-column", default="text", help="input column holding the text")
-    p.add_argument("--keep", default="", help="comma-separated columns copied into the dataset")
-    p.add_argument("--format", choices=["parquet", "jsonl", "text", "wds"], help="input format (default: by extension)")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="object-store option, Lance's names (repeatable)")
+    add_settings_arguments(p)
+    p.add_argument("--storage-option", type=key_value, action="append", default=[],
+                   metavar="KEY=VALUE", help="object-store option, Lance's names (repeatable)")
     p.add_argument("--keep-removed", action="store_true", help="keep the rows of shards that disappeared")
-    p.add_argument("--growth-factor", type=float, default=2.0,
+    p.add_argument("--growth-factor", type=float, default=GROWTH_FACTOR,
                    help="retrain tier 0 when the corpus exceeds this multiple of the rows it was trained on")
-    p.add_argument("--min-recall", type=float, default=0.98,
+    p.add_argument("--min-recall", type=float, default=MIN_RECALL,
                    help="retrain when recall@10 (ties counted) on a sample against exact search falls below this")
-    p.add_argument("--target-recall", type=float, default=0.99, help="calibration target when (re)training")
+    p.add_argument("--target-recall", type=float, default=TARGET_RECALL,
+                   help="calibration target when (re)training")
     p.add_argument("--factory", help="FAISS factory string for a rebuilt tier 0 (default: by corpus size)")
     p.add_argument("--compact", action="store_true", help="compact the Lance dataset's files")
     p.add_argument("--keep-index-versions", type=int, default=3, help="index versions to keep (>= 2 advised)")
@@ -195,17 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-every", type=int, default=8, help="commit after this many embedded shards")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"], help="what an unreadable shard does")
     p.add_argument("--no-progress", action="store_true", help="quiet")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and other libraries' logs")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: 0 on success (including nothing to do), 1 on error."""
     args = build_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose, quiet=args.no_progress)
     cfg = ReindexConfig(
-        input=args.input, dataset=args.dataset, index_uri=args.index_uri, encoder=args.encoder,
-        dims=[int(d) for d in args.dims.split(",")] if args.dims else None, text_column=args.text_column,
-        keep=[k for k in args.keep.split(",") if k], format=args.format,
-        storage_options=parse_options(args.storage_option), keep_removed=args.keep_removed,
+        input=args.input, dataset=args.dataset, index_uri=args.index_uri,
+        settings=settings_from_args(args), storage_options=dict(args.storage_option),
+        keep_removed=args.keep_removed,
         growth_factor=args.growth_factor, min_recall=args.min_recall, target_recall=args.target_recall,
         factory=args.factory, compact=args.compact, keep_index_versions=args.keep_index_versions,
         retain_dataset_versions=timedelta(hours=args.retain_dataset_versions)

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from mrl_core.defaults import ENCODER
 from mrl_core.training import (
     AdaptorJob,
     ClassifierJob,
@@ -30,9 +32,14 @@ from mrl_core.training import (
     run_adaptor_job,
     run_classifier_job,
 )
+from pipelines.cli import configure_logging
+
+log = logging.getLogger(__name__)
 
 
-def _fit_args(p: argparse.ArgumentParser, epochs: int, batch: int, lr: float, cosine: bool = True) -> None:
+def _fit_args(
+    p: argparse.ArgumentParser, epochs: int, batch: int, lr: float, cosine: bool = True
+) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs to train (default {epochs})")
     g.add_argument("--batch-size", type=int, default=batch,
@@ -41,7 +48,8 @@ def _fit_args(p: argparse.ArgumentParser, epochs: int, batch: int, lr: float, co
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
     g.add_argument("--cosine", action=argparse.BooleanOptionalAction, default=cosine,
-                   help=f"cosine decay of the learning rate to 0 (default {'on' if cosine else 'off: constant'})")
+                   help="cosine decay of the learning rate to 0 "
+                   f"(default {'on' if cosine else 'off: constant'})")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
     g.add_argument("--seed", type=int, default=0, help="seed for init, shuffling and splits")
     g.add_argument("--log-every", type=int, default=50, help="log the loss per dim every N steps")
@@ -52,16 +60,20 @@ def _fit_args(p: argparse.ArgumentParser, epochs: int, batch: int, lr: float, co
     g.add_argument("--loss-weights", default=None,
                    help="comma-separated loss weight c_m per nesting dim (default 1 each)")
     r = p.add_argument_group("execution")
-    r.add_argument("--out", required=True, help="output directory: checkpoints, metrics, eval, model")
+    r.add_argument("--out", required=True,
+                   help="output directory: checkpoints, metrics, eval, model")
     r.add_argument("--local", action="store_true",
                    help="train in this process without Ray (otherwise Ray Train's TorchTrainer)")
     r.add_argument("--num-workers", type=int, default=None,
-                   help="Ray Train workers (default: one per GPU of the cluster, else 1 CPU worker)")
+                   help="Ray Train workers (default: one per GPU of the cluster, "
+                   "else 1 CPU worker)")
     r.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
                    help="give each Ray worker a GPU (default: when the cluster has GPUs)")
     r.add_argument("--max-failures", type=int, default=1,
                    help="Ray Train restarts after a worker failure, resuming from the checkpoint")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
+    r.add_argument("--verbose", action="store_true",
+                   help="debug lines too, and other libraries' INFO lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,12 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-rows", type=int, default=None, help="read at most this many rows")
     d.add_argument("--num-classes", type=int, default=None,
                    help="WebDataset only: integer labels 0..N-1 (default: scan the shards)")
+    d.add_argument("--samples-per-epoch", type=int, default=None,
+                   help="WebDataset only: training samples in the shards, which sizes the LR "
+                   "schedule (default: counted in one pass reading only the labels)")
     m = c.add_argument_group("model")
     m.add_argument("--encoder", default="bag",
                    help="text: 'bag' (token-embedding bag) or 'hf:/dir' (a local transformer); "
                    "image: 'resnet50', 'torchvision:NAME' or 'timm:NAME' (default 'bag', or "
                    "'resnet50' with --modality image)")
-    m.add_argument("--init", default="wordllama-256",
+    m.add_argument("--init", default=ENCODER,
                    help="bag: the static encoder (get_encoder spec) whose tokenizer and table it "
                    "starts from (default wordllama-256)")
     m.add_argument("--random-init", action="store_true", help="bag: random table, same vocabulary")
@@ -113,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--efficient", action="store_true", help="MRL-E: one shared head")
     m.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
     m.add_argument("--max-length", type=int, default=256, help="tokens per text (default 256)")
+    m.add_argument("--pooling", choices=("mean", "cls"), default="mean",
+                   help="hf: pool the last hidden state by its mean over the tokens or by the "
+                   "first token, as the exported hf: encoder then does (default mean)")
     m.add_argument("--image-size", type=int, default=224, help="crop size (default 224)")
     m.add_argument("--knn-rows", type=int, default=20000,
                    help="training rows the final 1-NN evaluation searches (default 20000)")
@@ -122,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Learn a map on top of a base encoder so that each prefix of "
                        "its output keeps the full embedding's neighbourhoods.")
     d = a.add_argument_group("data")
-    d.add_argument("--base", default="wordllama-256",
+    d.add_argument("--base", default=ENCODER,
                    help="base encoder spec, as for get_encoder (default wordllama-256)")
     d.add_argument("--data", default=None,
                    help="texts to embed with the base: Parquet/JSONL/CSV file or directory")
@@ -174,11 +192,12 @@ def job_from_args(args: argparse.Namespace) -> ClassifierJob | AdaptorJob:
             label_column=args.label_column, image_column=args.image_column,
             val_data=args.val_data, val_fraction=args.val_fraction, max_rows=args.max_rows,
             encoder=encoder, init=args.init, random_init=args.random_init,
-            freeze_table=args.freeze_table, sparse_table=args.sparse_table, pretrained=args.pretrained, embed_dim=args.embed_dim,
+            freeze_table=args.freeze_table, sparse_table=args.sparse_table,
+            pretrained=args.pretrained, embed_dim=args.embed_dim,
             dims=args.dims, efficient=args.efficient, loss_weights=weights,
             label_smoothing=args.label_smoothing, max_length=args.max_length,
-            image_size=args.image_size, num_classes=args.num_classes, knn_rows=args.knn_rows,
-            fit=fit,
+            pooling=args.pooling, image_size=args.image_size, num_classes=args.num_classes,
+            samples_per_epoch=args.samples_per_epoch, knn_rows=args.knn_rows, fit=fit,
         )
     return AdaptorJob(
         out=args.out, base=args.base, data=args.data, text_column=args.text_column,
@@ -204,6 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    configure_logging(verbose=config.get("verbose", False))
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     checkpoint = ray.train.get_checkpoint()
@@ -235,7 +255,8 @@ class _null:
 
 
 def run_ray(job: ClassifierJob | AdaptorJob, args: argparse.Namespace) -> None:
-    """Run ``job`` under Ray Train's ``TorchTrainer`` (data-parallel; one CPU worker without GPUs)."""
+    """Run ``job`` under Ray Train's ``TorchTrainer`` (data-parallel; one CPU worker without
+    GPUs)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -249,7 +270,7 @@ def run_ray(job: ClassifierJob | AdaptorJob, args: argparse.Namespace) -> None:
         prepare_adaptor_data(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job},
+        train_loop_config={"job": job, "verbose": args.verbose},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name="ray", storage_path=str(out),
@@ -263,6 +284,7 @@ def run_ray(job: ClassifierJob | AdaptorJob, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
     job = job_from_args(args)
     Path(job.out).mkdir(parents=True, exist_ok=True)
     if args.local:
@@ -273,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         run_ray(job, args)
     eval_file = Path(job.out) / "eval.json"
     if eval_file.is_file():
-        print(f"evaluation: {eval_file}", file=sys.stderr)
+        log.info(f"evaluation: {eval_file}")
     return 0
 
 

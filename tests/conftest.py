@@ -92,7 +92,8 @@ def docstring_lines(limit: int, min_chars: int = 30, max_chars: int = 400) -> li
     root = Path(sysconfig.get_paths()["purelib"])
     seen: set[str] = set()
     out: list[str] = []
-    for package in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.endswith((".dist-info", "__pycache__"))):
+    for package in sorted(p for p in root.iterdir()
+                          if p.is_dir() and not p.name.endswith((".dist-info", "__pycache__"))):
         for file in sorted(package.rglob("*.py")):
             try:
                 tree = ast.parse(file.read_text(encoding="utf-8"))

@@ -11,7 +11,6 @@ import torch
 
 from mrl_core.adaptor import (
     MatryoshkaAdaptor,
-    NeighbourhoodLoss,
     load_adaptor,
     mine_neighbours,
     read_adaptor,
@@ -19,10 +18,11 @@ from mrl_core.adaptor import (
 )
 from mrl_core.encoders import Encoder, get_encoder
 from mrl_core.evaluate import prefix_recall, random_rotation
+from mrl_core.losses import NeighbourhoodLoss
 from mrl_core.nesting import l2_normalize
 from mrl_core.training import FitConfig, Runner, embed_with, train_adaptor
 
-QUIET = Runner(log=lambda msg: None)
+QUIET = Runner()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

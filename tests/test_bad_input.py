@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mrl_core import Corpus
+from mrl_core.settings import EmbedSettings
 from mrl_core.sources import Shard, ShardError, format_of, read_shard
 from mrl_core.storage import StorageError, derive_ids, embedding_arrays, read_ledger
 from pipelines.embed import EmbedConfig, EmbedError, run_embed
@@ -281,7 +282,7 @@ def small_corpus(tmp_path_factory):
     write_corpus(uri, emb)
     from mrl_core.index import build_index
 
-    build_index(uri, funnel="paper", calibration_queries=10, log=None)
+    build_index(uri, funnel="paper", calibration_queries=10)
     return Corpus.open(uri), emb
 
 
@@ -347,7 +348,8 @@ def test_embed_job_with_every_kind_of_bad_input(tmp_path, local_ray):
     (src / "e.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\nnot json\n")
     out = str(tmp_path / "out.lance")
 
-    summary = run_embed(EmbedConfig(input=str(src), output=out, keep=["url"], on_error="skip", progress=False))
+    summary = run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)),
+                                    on_error="skip", progress=False))
 
     failed = {Path(u).name: r for u, r in summary.shards_failed.items()}
     assert set(failed) == {"b.parquet", "c.tar", "d.parquet"}
@@ -372,7 +374,8 @@ def test_embed_job_with_every_kind_of_bad_input(tmp_path, local_ray):
     assert [urls[int(i)] for i in e_ids] == ['{"k": 1}', "5"]
 
     (src / "b.parquet").write_bytes(GOOD_PARQUET)  # fix one broken shard; re-run
-    again = run_embed(EmbedConfig(input=str(src), output=out, keep=["url"], on_error="skip", progress=False))
+    again = run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)),
+                                  on_error="skip", progress=False))
     assert again.rows_written == 400 and again.shards_skipped_committed == 2
     ids = lance.dataset(out).to_table(columns=["id"])["id"].to_numpy()
     assert len(ids) == len(np.unique(ids)) == len(expected) + 400
@@ -383,7 +386,8 @@ def test_a_kept_column_of_another_type_is_a_shard_error(tmp_path, local_ray):
     src.mkdir()
     pq.write_table(pa.table({"text": ["a b", "c d"], "url": ["u", "v"]}), src / "a.parquet")
     pq.write_table(pa.table({"text": ["e f", "g h"], "url": [{"x": 1}, {"x": 2}]}), src / "b.parquet")
-    summary = run_embed(EmbedConfig(input=str(src), output=str(tmp_path / "o.lance"), keep=["url"],
+    summary = run_embed(EmbedConfig(input=str(src), output=str(tmp_path / "o.lance"),
+                                    settings=EmbedSettings(keep=("url",)),
                                     on_error="skip", progress=False))
     assert list(summary.shards_failed) == [str(src / "b.parquet")] and summary.rows_written == 2
 
@@ -394,4 +398,5 @@ def test_a_bad_id_column_is_a_shard_error(tmp_path, local_ray, ids):
     src.mkdir()
     pq.write_table(pa.table({"text": ["a b", "c d", "e f"], "uid": ids}), src / "a.parquet")
     with pytest.raises(EmbedError, match=r"a\.parquet.*uid"):
-        run_embed(EmbedConfig(input=str(src), output=str(tmp_path / "o.lance"), id_column="uid", progress=False))
+        run_embed(EmbedConfig(input=str(src), output=str(tmp_path / "o.lance"),
+                              settings=EmbedSettings(id_column="uid"), progress=False))

@@ -18,6 +18,7 @@ import pytest
 import ray
 
 from mrl_core.encoders import get_encoder
+from mrl_core.settings import EmbedSettings
 from mrl_core.storage import derive_ids, emb_column, read_info, read_ledger
 from pipelines.embed import EmbedConfig, EmbedError, main, run_embed
 
@@ -60,7 +61,8 @@ def test_local_end_to_end_all_formats(tmp_path):
     (src / "d.txt").write_text("\n".join(texts(40, 4)) + "\n")
     out = str(tmp_path / "out.lance")
 
-    summary = run_embed(EmbedConfig(input=str(src), output=out, keep=["url"], commit_every=2, progress=False))
+    summary = run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)),
+                                    commit_every=2, progress=False))
 
     assert summary.rows_written == 590 and summary.shards_done == 4 and not summary.shards_failed
     ds = lance.dataset(out)
@@ -84,13 +86,14 @@ def test_local_end_to_end_all_formats(tmp_path):
     assert set(read_ledger(ds)) == set(sizes)
 
     # a second run finds everything committed and writes nothing
-    again = run_embed(EmbedConfig(input=str(src), output=out, keep=["url"], progress=False))
+    again = run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)), progress=False))
     assert again.rows_written == 0 and again.shards_skipped_committed == 4
     np.testing.assert_array_equal(ids_of(out), expected_ids(sizes))
 
     # a new shard is added exactly once
     write_parquet(src / "e.parquet", 30, 5)
-    assert run_embed(EmbedConfig(input=str(src), output=out, keep=["url"], progress=False)).rows_written == 30
+    assert run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)),
+                                 progress=False)).rows_written == 30
     np.testing.assert_array_equal(ids_of(out), expected_ids({**sizes, str(src / "e.parquet"): 30}))
 
     # LanceDB opens the output and searches an emb_<d> column
@@ -112,7 +115,8 @@ def test_staged_layout_matches_the_fused_cpu_layout(tmp_path):
     outs = {}
     for name, gpus in (("fused", None), ("staged", 0.0)):
         out = str(tmp_path / f"{name}.lance")
-        summary = run_embed(EmbedConfig(input=str(src), output=out, keep=["url"], gpus_per_actor=gpus,
+        summary = run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)),
+                                        gpus_per_actor=gpus,
                                         batch_rows=50, progress=False))
         assert summary.rows_written == 122 and summary.records_skipped == 2 and summary.shards_done == 2
         table = lance.dataset(out).to_table()
@@ -129,14 +133,16 @@ def test_refuses_to_mix_encoders(tmp_path):
     run_embed(EmbedConfig(input=str(tmp_path / "a.parquet"), output=out, progress=False))
     write_parquet(tmp_path / "b.parquet", 20, 2)
     with pytest.raises(ValueError, match="refusing to add embeddings from 'wordllama-128'"):
-        run_embed(EmbedConfig(input=str(tmp_path), output=out, encoder="wordllama-128", progress=False))
+        run_embed(EmbedConfig(input=str(tmp_path), output=out, settings=EmbedSettings(encoder="wordllama-128"),
+                              progress=False))
     assert lance.dataset(out).count_rows() == 20
 
 
 def test_float32_and_explicit_dims(tmp_path):
     write_parquet(tmp_path / "a.parquet", 10, 1)
     out = str(tmp_path / "o.lance")
-    run_embed(EmbedConfig(input=str(tmp_path), output=out, dims=[16, 32], dtype="float32", progress=False))
+    run_embed(EmbedConfig(input=str(tmp_path), output=out, settings=EmbedSettings(dims=(16, 32), dtype="float32"),
+                          progress=False))
     ds = lance.dataset(out)
     assert [n for n in ds.schema.names if n.startswith("emb_")] == ["emb_16", "emb_32", "emb_256"]
     assert ds.schema.field("emb_16").type == pa.list_(pa.float32(), 16)
@@ -267,12 +273,13 @@ def test_s3_input_and_output_through_moto(s3_endpoint, make_bucket, tmp_path):
         write_parquet(tmp_path / f"s{i}.parquet", 40, i)
         fs.put(str(tmp_path / f"s{i}.parquet"), f"{bucket}/corpus/s{i}.parquet")
     out = f"{bucket}/emb.lance"
-    summary = run_embed(EmbedConfig(input=f"{bucket}/corpus/*.parquet", output=out, keep=["url"],
+    summary = run_embed(EmbedConfig(input=f"{bucket}/corpus/*.parquet", output=out,
+                                    settings=EmbedSettings(keep=("url",)),
                                     storage_options=opts, progress=False))
     assert summary.rows_written == 120
     expected = expected_ids({f"{bucket}/corpus/s{i}.parquet": 40 for i in range(3)})
     np.testing.assert_array_equal(ids_of(out, opts), expected)
-    assert run_embed(EmbedConfig(input=f"{bucket}/corpus/*.parquet", output=out, keep=["url"],
+    assert run_embed(EmbedConfig(input=f"{bucket}/corpus/*.parquet", output=out, settings=EmbedSettings(keep=("url",)),
                                  storage_options=opts, progress=False)).rows_written == 0
 
 

@@ -10,7 +10,6 @@ from mrl_core.evaluate import (
     cascade_evaluate,
     cascade_frontier,
     cascade_predict,
-    exact_search,
     format_per_dim,
     knn_accuracy,
     label_retrieval_metrics,
@@ -22,10 +21,9 @@ from mrl_core.evaluate import (
     prefix_recall,
     random_rotation,
     recall_at_k,
-    recall_at_k_with_ties,
-    scores_of,
     softmax,
 )
+from mrl_core.search import exact_search, recall_at_k_with_ties, scores_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +44,7 @@ def test_exact_search_orders_by_inner_product_and_excludes():
     s, i = exact_search(queries, corpus, 1, exclude=np.array([0, -1]))
     assert i.tolist() == [[2], [1]]
     # tiny blocks give the same answer as one block
-    s2, i2 = exact_search(queries, corpus, 2, max_block=1)
+    s2, i2 = exact_search(queries, corpus, 2, block_rows=1)
     assert i2.tolist() == [[0, 2], [1, 2]]
 
 

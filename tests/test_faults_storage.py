@@ -21,9 +21,9 @@ from conftest import write_corpus
 from faultproxy import FaultProxy
 
 from mrl_core import Corpus, objectstore
-from mrl_core.index import (
+from mrl_core.index import build_index
+from mrl_core.index_store import (
     IndexNotFoundError,
-    build_index,
     list_versions,
     load_index,
     prune_versions,
@@ -125,7 +125,7 @@ def test_lance_dataset_and_index_through_a_flaky_endpoint(proxy, s3_endpoint, bu
     uri = f"{bucket}/flaky.lance"
     emb = np.random.default_rng(0).normal(size=(1500, 256)).astype(np.float32)
     write_corpus(uri, emb, storage_options=opts, rows_per_file=500)
-    manifest = build_index(uri, storage_options=opts, funnel="paper", calibration_queries=50, log=None)
+    manifest = build_index(uri, storage_options=opts, funnel="paper", calibration_queries=50)
     corpus = Corpus.open(uri, storage_options=opts)
     hits = corpus.search(emb[:20], k=5)
     assert manifest.rows == 1500 and hits.num_rows == 100
@@ -256,7 +256,7 @@ elif point == "swap":  # die inside the CURRENT swap: temp file written, rename 
             os._exit(17)
         return rename(src, dst)
     os.replace = no_rename
-index.build_index(uri, funnel="paper", calibration_queries=20, log=None)
+index.build_index(uri, funnel="paper", calibration_queries=20)
 os._exit(0)
 """
 
@@ -266,7 +266,7 @@ def indexed_corpus(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("crash") / "c.lance")
     emb = np.random.default_rng(1).normal(size=(2000, 256)).astype(np.float32)
     write_corpus(uri, emb)
-    build_index(uri, funnel="paper", calibration_queries=20, log=None)
+    build_index(uri, funnel="paper", calibration_queries=20)
     return uri, emb
 
 
@@ -295,7 +295,7 @@ def test_crash_while_publishing_an_index_keeps_the_previous_version(point, index
     else:
         assert any(name.startswith(".CURRENT.tmp") for name in os.listdir(index_uri))
 
-    after = build_index(uri, funnel="paper", calibration_queries=20, log=None)
+    after = build_index(uri, funnel="paper", calibration_queries=20)
     assert read_current(index_uri) == after.version > debris
     assert Corpus.open(uri).search(emb[:1], k=1)["id"].to_pylist() == derive_ids("shard-0", np.arange(1)).tolist()
     prune_versions(index_uri, keep=1)  # the debris goes with the old versions

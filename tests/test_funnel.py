@@ -5,21 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrl_core.evaluate import recall_at_k_with_ties
-from mrl_core.funnel import (
-    Calibration,
-    FunnelSchedule,
-    IdMap,
-    calibrate_schedule,
-    candidate_schedules,
-    drop_self,
-    exact_search,
-    funnel_search,
-    gather,
-    paper_schedule,
-    top_k,
-)
+from mrl_core.calibration import Calibration, calibrate_schedule, candidate_schedules, drop_self
+from mrl_core.funnel import FunnelSchedule, IdMap, funnel_search, paper_schedule, take_rows
 from mrl_core.nesting import l2_normalize
+from mrl_core.search import exact_search, recall_at_k_with_ties, top_k
 
 DIMS = (16, 32, 64, 128)
 
@@ -48,11 +37,11 @@ def in_memory(vectors, ids):
     idmap = IdMap(ids)
 
     def tier0(dim, queries, n):
-        _, pos = exact_search(vectors[dim], queries, n)
+        _, pos = exact_search(queries, vectors[dim], n)
         return np.where(pos >= 0, ids[np.maximum(pos, 0)], -1)
 
     def fetch(dim, keys):
-        return gather(vectors[dim], idmap.positions(keys))
+        return take_rows(vectors[dim], idmap.positions(keys))
 
     return tier0, fetch
 
@@ -114,11 +103,11 @@ def test_exact_search_matches_numpy_and_pads():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1000, 16)).astype(np.float16)
     q = rng.standard_normal((7, 16)).astype(np.float32)
-    scores, pos = exact_search(x, q, 5, block_rows=128)
+    scores, pos = exact_search(q, x, 5, block_rows=128)
     ref = q @ x.astype(np.float32).T
     np.testing.assert_allclose(scores, np.sort(ref, axis=1)[:, ::-1][:, :5], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(ref, pos, axis=1), scores, rtol=1e-5, atol=1e-5)
-    s, p = exact_search(x[:3], q, 5)
+    s, p = exact_search(q, x[:3], 5)
     assert (p[:, 3:] == -1).all() and np.isneginf(s[:, 3:]).all()
 
 
@@ -139,7 +128,7 @@ def test_funnel_equals_exact_when_shortlists_cover_the_corpus(corpus):
     tier0, fetch = in_memory(vectors, ids)
     schedule = FunnelSchedule(DIMS, (n, n, n))
     scores, keys = funnel_search(schedule, queries, 10, tier0, fetch)
-    exact_scores, exact_pos = exact_search(vectors[128], queries[128], 10)
+    exact_scores, exact_pos = exact_search(queries[128], vectors[128], 10)
     np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-5)
     untied = np.abs(exact_scores[:, :-1] - exact_scores[:, 1:]) > 1e-5
     assert (keys[:, :-1][untied] == ids[exact_pos][:, :-1][untied]).all()
@@ -167,7 +156,7 @@ def test_calibration_reaches_its_target_on_held_out_queries(corpus):
     assert schedule.dims[-1] == 128
     tier0, fetch = in_memory(vectors, ids)
     scores, _ = funnel_search(schedule, held_out, 10, tier0, fetch)
-    exact_scores, _ = exact_search(vectors[128], held_out[128], 10)
+    exact_scores, _ = exact_search(held_out[128], vectors[128], 10)
     assert recall_at_k_with_ties(np.where(np.isfinite(scores), scores, np.nan), exact_scores, 10) >= 0.96
 
 
@@ -200,7 +189,7 @@ def test_tier0_callable_is_used_for_calibration(corpus):
 
     def tier0(dim, q, n):
         calls.append((dim, n))
-        _, pos = exact_search(vectors[dim], q, n)
+        _, pos = exact_search(q, vectors[dim], n)
         return ids[pos]
 
     schedule, recall = calibrate_schedule(vectors, ids, queries, target=0.9, tier0_dims=(32,), tier0=tier0)

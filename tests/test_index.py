@@ -3,10 +3,18 @@ packages embedded with WordLlama, queried with 1,000 held-out lines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
+import subprocess
+import sys
+import time
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
+import faiss
 import lance
 import numpy as np
 import pyarrow as pa
@@ -14,30 +22,71 @@ import pytest
 
 from mrl_core import Corpus
 from mrl_core.corpus import EncoderMismatchError, result_matrix
-from mrl_core.evaluate import recall_at_k_with_ties
 from mrl_core.funnel import FunnelSchedule
 from mrl_core.index import (
+    BuildOptions,
+    CalibrationOptions,
+    add_local,
+    add_vectors,
+    add_with_ray,
+    build_index,
+    calibrate,
+    calibration_data,
+    group_fragments,
+    measure_recall,
+    train_index,
+)
+from mrl_core.index_store import (
     CURRENT,
     IndexMismatchError,
     IndexNotFoundError,
-    build_index,
-    candidate_factories,
-    choose_factory,
     default_index_uri,
-    estimate_index_bytes,
     load_index,
     read_current,
 )
-from mrl_core.storage import INFO_KEY, DatasetInfo, read_info
+from mrl_core.index_update import update_index
+from mrl_core.search import recall_at_k_with_ties
+from mrl_core.storage import INFO_KEY, DatasetInfo, embedding_dims, read_info
+from mrl_core.tier0 import (
+    candidate_factories,
+    choose_factory,
+    estimate_index_bytes,
+    mergeable,
+    sample_tier0,
+)
 
 K = 10
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def logged(name: str = "mrl_core") -> Iterator[list[str]]:
+    """The messages ``name``'s loggers log at INFO and above meanwhile."""
+    handler, logger = _Lines(), logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")
 def built(text_dataset):
     """The 50k dataset with an index built with every default."""
-    lines: list[str] = []
-    manifest = build_index(text_dataset, log=lines.append)
+    with logged() as lines:
+        manifest = build_index(text_dataset)
     return text_dataset, manifest, lines
 
 
@@ -194,7 +243,7 @@ def small_copy(text_dataset, tmp_path):
     lance.write_dataset(ds.to_table(limit=4000), uri, max_rows_per_file=1000)
     copy = lance.dataset(uri)
     copy.update_config({INFO_KEY: read_info(ds).to_json()})
-    build_index(uri, calibration_queries=200, log=None)
+    build_index(uri, calibration_queries=200)
     return uri
 
 
@@ -244,7 +293,7 @@ def test_text_queries_need_the_datasets_encoder(tmp_path, corpus_writer):
     rng = np.random.default_rng(0)
     uri = str(tmp_path / "other.lance")
     corpus_writer(uri, rng.standard_normal((500, 256)).astype(np.float32), fingerprint="not-this-one")
-    build_index(uri, calibration_queries=50, log=None)
+    build_index(uri, calibration_queries=50)
     corpus = Corpus.open(uri)
     with pytest.raises(EncoderMismatchError, match="fingerprint"):
         corpus.search(["hello"])
@@ -269,9 +318,9 @@ def test_ivf_tier0_added_with_ray_over_fragments(text_dataset, tmp_path):
     uri = str(tmp_path / "ivf.lance")
     lance.write_dataset(ds.to_table(limit=10_000), uri, max_rows_per_file=2500)
     lance.dataset(uri).update_config({INFO_KEY: read_info(ds).to_json()})
-    lines: list[str] = []
-    manifest = build_index(uri, factory="IVF64,SQ8", use_ray=True, calibration_queries=300,
-                           tier0_candidates=1, shortlist_sizes=(100, 500, 2000), log=lines.append)
+    with logged() as lines:
+        manifest = build_index(uri, factory="IVF64,SQ8", use_ray=True, calibration_queries=300,
+                               tier0_candidates=1, shortlist_sizes=(100, 500, 2000))
     assert manifest.params["ray"] is True and manifest.rows == 10_000
     assert manifest.factory == "IVF64,SQ8" and manifest.schedule["nprobe"] is not None
     assert manifest.schedule_recall >= 0.99
@@ -285,22 +334,184 @@ def test_ivf_tier0_added_with_ray_over_fragments(text_dataset, tmp_path):
 
 
 def test_explicit_schedule_is_measured_and_kept(small_copy):
-    manifest = build_index(small_copy, funnel=FunnelSchedule((32, 256), (300,)), calibration_queries=100, log=None)
+    manifest = build_index(small_copy, funnel=FunnelSchedule((32, 256), (300,)), calibration_queries=100)
     assert manifest.schedule == {"dims": [32, 256], "shortlists": [300], "nprobe": None}
     assert 0 < manifest.schedule_recall <= 1 and manifest.dim == 32
-    paper = build_index(small_copy, funnel="paper", calibration_queries=0, log=None)
+    paper = build_index(small_copy, funnel="paper", calibration_queries=0)
     assert paper.schedule["dims"] == [16, 32, 64, 128, 256] and paper.schedule_recall is None
     assert read_current(default_index_uri(small_copy)) == paper.version
 
 
 def test_build_errors(tmp_path, corpus_writer, small_copy):
     with pytest.raises(ValueError, match="stored dim"):
-        build_index(small_copy, tier0_dim=48, log=None)
+        build_index(small_copy, tier0_dim=48)
     with pytest.raises(ValueError, match="factory"):
-        build_index(small_copy, factory="NotAFactory", funnel="paper", log=None)
+        build_index(small_copy, factory="NotAFactory", funnel="paper")
     uri = str(tmp_path / "no_info.lance")
     lance.write_dataset(pa.table({"id": pa.array([1, 2], pa.int64())}), uri)
     with pytest.raises(ValueError, match="mrl.info"):
-        build_index(uri, log=None)
+        build_index(uri)
     assert not (tmp_path / "no_info.lance.indexes" / CURRENT).exists()
     shutil.rmtree(tmp_path / "no_info.lance")
+
+
+# ----------------------------------------------------------------------------- the build's steps
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    """Vectors around 50 centres, their energy falling with the dim as nested embeddings' does."""
+    rng = np.random.default_rng(seed)
+    scale = 1 / np.sqrt(np.arange(1, 257))
+    centres = np.random.default_rng(0).standard_normal((50, 256)) * scale
+    noise = 0.5 * rng.standard_normal((n, 256)) * scale
+    return (centres[rng.integers(0, 50, n)] + noise).astype(np.float32)
+
+
+def ivf_lists(index: faiss.Index) -> list[list[int]]:
+    """The ids of each IVF list, sorted."""
+    lists = faiss.extract_index_ivf(index).invlists
+    sizes = [lists.list_size(i) for i in range(lists.nlist)]
+    return [sorted(faiss.rev_swig_ptr(lists.get_ids(i), n).tolist()) if n else []
+            for i, n in enumerate(sizes)]
+
+
+@pytest.fixture(scope="module")
+def fragments(tmp_path_factory, corpus_writer):
+    """4,000 clustered rows in 8 fragments of 500."""
+    uri = str(tmp_path_factory.mktemp("steps") / "fragments.lance")
+    corpus_writer(uri, clustered(4000, 1), rows_per_file=500)
+    return uri
+
+
+def test_choose_factory_picks_the_last_candidate():
+    for rows, dim, budget in ((50_000, 64, None), (841_708, 128, 128), (20_000_000, 64, 40)):
+        assert choose_factory(rows, dim, budget) == candidate_factories(rows, dim, budget)[-1]
+
+
+def test_train_index_gives_an_empty_trained_index(fragments):
+    ds = lance.dataset(fragments)
+    flat = train_index(ds, "IDMap,Flat", 64)
+    assert flat.params == {"gpus": 0} and flat.index().ntotal == 0 and flat.index().d == 64
+    ivf = train_index(ds, "IVF16,SQ8", 64, train_rows=1000, seed=3)
+    assert (ivf.factory, ivf.dim) == ("IVF16,SQ8", 64)
+    assert ivf.params["nlist"] == 16 and ivf.params["train_rows"] == 1000
+    assert ivf.params["train_seconds"] >= 0
+    a, b = ivf.index(), ivf.index()
+    assert a.is_trained and a.ntotal == 0
+    a.add_with_ids(np.ones((2, 64), np.float32), np.array([1, 2], np.int64))
+    assert b.ntotal == 0, "each use gets its own copy"
+    with pytest.raises(ValueError, match="factory"):
+        train_index(ds, "NotAFactory", 64)
+
+
+def test_group_fragments_cuts_runs_of_similar_row_counts():
+    assert group_fragments([(0, 10), (1, 10), (2, 10), (3, 10)], 2) == [[0, 1], [2, 3]]
+    assert group_fragments([(7, 30), (8, 5), (9, 5)], 2) == [[7], [8, 9]]
+    assert group_fragments([(0, 1), (1, 1), (2, 1)], 1) == [[0, 1, 2]]
+    assert group_fragments([(0, 1), (1, 1)], 8) == [[0], [1]]
+
+
+def test_adding_in_ray_tasks_gives_the_same_index_as_adding_here(fragments):
+    ds = lance.dataset(fragments)
+    assert len(ds.get_fragments()) == 8
+    trained = train_index(ds, "IVF16,Flat", 64, train_rows=2000)
+    here, there = trained.index(), trained.index()
+    add_local(here, ds, 64)
+    with logged() as lines:
+        add_with_ray(there, ds, 64)
+    assert any(line.startswith("adding vectors from 8 fragments in") for line in lines)
+    ids = ds.to_table(columns=["id"])["id"].to_numpy()
+    assert here.ntotal == there.ntotal == len(ids)
+    assert ivf_lists(there) == ivf_lists(here), "every row in the same list under the same id"
+    assert sorted(i for ids_ in ivf_lists(there) for i in ids_) == sorted(ids.tolist())
+    index, params = add_vectors(trained, ds, use_ray=True)
+    assert params["ray"] is True and ivf_lists(index) == ivf_lists(here)
+    assert add_vectors(trained, ds)[1]["ray"] is False, "4,000 rows: added here by default"
+    assert mergeable(here) and not mergeable(train_index(ds, "HNSW8", 64).index())
+
+
+def test_calibrate_finds_the_schedule_and_trains_its_tier0(fragments):
+    ds = lance.dataset(fragments)
+    options = CalibrationOptions(calibration_queries=200)
+    with logged() as lines:
+        chosen = calibrate(ds, options)
+    assert chosen.recall >= chosen.required > options.target_recall
+    assert chosen.schedule.dims[-1] == 256 and (chosen.queries, chosen.rows) == (200, 4000)
+    assert chosen.tier0 is not None and chosen.tier0.factory == "IDMap,Flat"
+    assert chosen.tier0.dim == chosen.schedule.dims[0] and chosen.tier0.index().ntotal == 0
+    assert chosen.trials and any(line.startswith("  flat tier 0") for line in lines)
+    record = chosen.record(options)
+    assert record["target"] == 0.99 and record["queries"] == 200 and record["rows"] == 4000
+    assert record["required"] == round(chosen.required, 5)
+    assert len(record["trials"]) == len(chosen.trials)
+    # the schedule over the built tier 0 reaches what calibration measured
+    index, _ = add_vectors(chosen.tier0, ds)
+    assert measure_recall(ds, index, chosen.schedule, options).recall == pytest.approx(
+        chosen.recall, abs=0.01)
+    with pytest.raises(ValueError, match="calibration queries"):
+        calibrate(ds, CalibrationOptions(calibration_queries=0))
+
+
+def test_calibrate_tunes_a_quantised_tier0(fragments):
+    ds = lance.dataset(fragments)
+    chosen = calibrate(ds, CalibrationOptions(calibration_queries=100, tier0_candidates=1),
+                       BuildOptions(factory="IVF16,Flat", train_rows=1000))
+    assert chosen.tier0.factory == "IVF16,Flat" and chosen.schedule.nprobe is not None
+    assert any(t.tier0 == "IVF16,Flat" for t in chosen.trials)
+    assert chosen.tier0.params["nlist"] == 16
+
+
+def test_recall_on_a_sample_searches_a_tier0_over_that_sample(fragments):
+    ds = lance.dataset(fragments)
+    index, _ = add_vectors(train_index(ds, "IDMap,Flat", 64), ds)
+    dims = embedding_dims(ds.schema)
+    sample, rows = calibration_data(ds, dims, K, 50, 1000, seed=0)
+    probe = sample_tier0(index, sample)
+    assert rows == 1000 and probe is not index and probe.ntotal == 1000
+    assert sorted(faiss.vector_to_array(probe.id_map)) == sorted(sample.ids)
+    everything, _ = calibration_data(ds, dims, K, 50, 10_000, seed=0)
+    assert sample_tier0(index, everything) is index
+    measured = measure_recall(ds, index, FunnelSchedule.parse("64:200,256"),
+                              CalibrationOptions(calibration_queries=100, calibration_rows=1000))
+    assert (measured.rows, measured.queries) == (1000, 100) and 0 < measured.recall <= 1
+    assert index.ntotal == 4000, "the index itself is left as it was"
+
+
+def test_build_takes_option_objects_and_refuses_unknown_knobs(fragments):
+    manifest = build_index(fragments, funnel="64:200,256",
+                           options=BuildOptions(factory="IVF16,Flat"),
+                           calibration=CalibrationOptions(calibration_queries=50), train_rows=1000)
+    assert manifest.factory == "IVF16,Flat" and manifest.params["train_rows"] == 1000
+    assert manifest.calibration["queries"] == 50 and manifest.params["ray"] is False
+    with pytest.raises(TypeError, match="log"):
+        build_index(fragments, log=print)
+
+
+def test_an_incremental_update_records_its_build_time(tmp_path, corpus_writer):
+    uri = str(tmp_path / "grow.lance")
+    corpus_writer(uri, clustered(1500, 5))
+    build_index(uri, funnel="64:1000,256", calibration_queries=100)
+    corpus_writer(uri, clustered(300, 6), shard="shard-1", mode="append")
+    started = time.time()
+    update = update_index(uri, removed_ids=np.zeros(0, np.int64), added_shards=["shard-1"])
+    took = time.time() - started
+    assert (update.action, update.added) == ("added", 300) and update.recall is not None
+    seconds = update.manifest.build_seconds
+    assert took / 2 <= seconds <= took + 0.01, (seconds, took)
+    assert load_index(default_index_uri(uri))[1].build_seconds == seconds
+
+
+def test_the_cli_logs_the_build_on_stderr(tmp_path, corpus_writer):
+    uri = str(tmp_path / "cli.lance")
+    corpus_writer(uri, clustered(500, 7))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "pipelines/index.py", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    out = run("--dataset", uri, "--funnel", "paper", "--calibration-queries", "0")
+    assert out.returncode == 0, out.stderr
+    assert "of memory" in out.stderr and "published" in out.stderr and "of memory" not in out.stdout
+    assert out.stdout.startswith("index v000001: IDMap,Flat over emb_16")
+    bad = run("--dataset", uri, "--storage-option", "no-equals-sign")
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

@@ -11,19 +11,28 @@ import pytest
 from mrl_core import Corpus, objectstore
 from mrl_core.funnel import FunnelSchedule
 from mrl_core.index import (
+    Calibrated,
+    CalibrationOptions,
+    add_vectors,
+    build_index,
+    new_manifest,
+    train_index,
+)
+from mrl_core.index_store import (
     CURRENT,
     MANIFEST,
     TIER0_FILE,
     IndexNotFoundError,
-    build_index,
     default_index_uri,
     list_versions,
     load_index,
     prune_versions,
+    publish,
     read_current,
     read_manifest,
     set_current,
 )
+from mrl_core.storage import rows_signature
 
 
 def vectors(n: int, seed: int) -> np.ndarray:
@@ -52,7 +61,7 @@ def test_versions_current_and_prune(tmp_path, corpus_writer):
     index_uri = default_index_uri(uri)
     with pytest.raises(IndexNotFoundError, match="pipelines/index.py"):
         read_current(index_uri)
-    made = [build_index(uri, funnel="64:100,256", calibration_queries=0, log=None).version for _ in range(3)]
+    made = [build_index(uri, funnel="64:100,256", calibration_queries=0).version for _ in range(3)]
     assert made == ["v000001", "v000002", "v000003"] == list_versions(index_uri)
     assert read_current(index_uri) == "v000003"
     for v in made:
@@ -63,21 +72,49 @@ def test_versions_current_and_prune(tmp_path, corpus_writer):
         set_current(index_uri, "../elsewhere")
     assert prune_versions(index_uri, keep=1) == ["v000002"]  # v000001 is current: kept
     assert list_versions(index_uri) == ["v000001", "v000003"]
-    unpublished = build_index(uri, funnel="64:100,256", calibration_queries=0, make_current=False, log=None)
+    unpublished = build_index(uri, funnel="64:100,256", calibration_queries=0, make_current=False)
     assert unpublished.version == "v000004" and read_current(index_uri) == "v000001"
+
+
+def test_publish_writes_a_new_version_and_swaps_current_when_asked(tmp_path, corpus_writer):
+    uri = str(tmp_path / "p.lance")
+    ds = corpus_writer(uri, vectors(600, 7))
+    index_uri = str(tmp_path / "elsewhere" / "indexes")
+    trained = train_index(ds, "IDMap,Flat", 64)
+    index, params = add_vectors(trained, ds)
+    chosen = Calibrated(FunnelSchedule.parse("64:100,256"))
+    manifest = new_manifest(uri, ds, index, trained.factory, params, chosen, CalibrationOptions())
+    assert manifest.version == "" and manifest.rows == 600 and manifest.column == "emb_64"
+    assert manifest.rows_signature == rows_signature(ds) and manifest.schedule_recall is None
+    assert manifest.calibration == {"target": 0.99, "k": 10, "trials": []}
+    assert manifest.params["code_bytes_per_vector"] == 64 * 4 + 8
+
+    first = publish(index_uri, index, manifest, make_current=False)
+    assert first.version == "v000001" and list_versions(index_uri) == ["v000001"]
+    assert len(first.tier0_sha256) == 64 and first.index_bytes > 600 * 64 * 4
+    assert first.bytes_per_vector == round(first.index_bytes / 600, 2)
+    with pytest.raises(IndexNotFoundError):
+        read_current(index_uri)
+    loaded, again = load_index(index_uri, "v000001")
+    assert again == first and loaded.ntotal == 600
+
+    second = publish(index_uri, index, new_manifest(uri, ds, index, trained.factory, params,
+                                                    chosen, CalibrationOptions()))
+    assert second.version == "v000002" == read_current(index_uri)
+    assert read_manifest(index_uri) == second
 
 
 def test_a_corrupt_index_file_is_detected(tmp_path, corpus_writer):
     uri = str(tmp_path / "c.lance")
     corpus_writer(uri, vectors(300, 2))
-    m = build_index(uri, funnel="64:50,256", calibration_queries=0, log=None)
+    m = build_index(uri, funnel="64:50,256", calibration_queries=0)
     path = f"{default_index_uri(uri)}/{m.version}/{TIER0_FILE}"
     data = bytearray(objectstore.read_bytes(path))
     data[-1] ^= 0xFF
     objectstore.write_bytes(path, bytes(data))
     with pytest.raises(ValueError, match="checksum"):
         load_index(default_index_uri(uri))
-    objectstore.replace_atomic(f"{default_index_uri(uri)}/{CURRENT}", b"garbage\n")
+    objectstore.write_bytes(f"{default_index_uri(uri)}/{CURRENT}", b"garbage\n")
     with pytest.raises(ValueError, match="not an index version"):
         read_current(default_index_uri(uri))
 
@@ -89,7 +126,7 @@ def test_current_swap_under_concurrent_readers(tmp_path, corpus_writer):
     x = vectors(3000, 3)
     corpus_writer(uri, x)
     schedules = ["64:200,256", "32:300,256", "128:100,256"]
-    build_index(uri, funnel=FunnelSchedule.parse(schedules[0]), calibration_queries=0, log=None)
+    build_index(uri, funnel=FunnelSchedule.parse(schedules[0]), calibration_queries=0)
     stop = threading.Event()
     errors: list[BaseException] = []
     seen: set[tuple[str, str]] = set()
@@ -114,7 +151,7 @@ def test_current_swap_under_concurrent_readers(tmp_path, corpus_writer):
         t.start()
     try:
         for i in range(1, 7):
-            build_index(uri, funnel=FunnelSchedule.parse(schedules[i % 3]), calibration_queries=0, log=None)
+            build_index(uri, funnel=FunnelSchedule.parse(schedules[i % 3]), calibration_queries=0)
             time.sleep(0.05)
     finally:
         stop.set()
@@ -134,8 +171,7 @@ def test_index_round_trips_through_s3(s3_endpoint, make_bucket, corpus_writer, t
     uri = f"{bucket}/data/corpus.lance"
     x = vectors(2000, 5)
     corpus_writer(uri, x, storage_options=options, rows_per_file=500)
-    lines: list[str] = []
-    manifest = build_index(uri, storage_options=options, calibration_queries=200, log=lines.append)
+    manifest = build_index(uri, storage_options=options, calibration_queries=200)
     index_uri = default_index_uri(uri)
     assert index_uri.startswith("s3://")
     assert read_current(index_uri, options) == manifest.version
@@ -157,5 +193,5 @@ def test_index_round_trips_through_s3(s3_endpoint, make_bucket, corpus_writer, t
     assert same["id"].to_pylist() == remote["id"].to_pylist()
     # an explicit index URI on S3 works as well
     other = f"{bucket}/indexes/corpus"
-    build_index(uri, index_uri=other, storage_options=options, funnel="paper", calibration_queries=0, log=None)
+    build_index(uri, index_uri=other, storage_options=options, funnel="paper", calibration_queries=0)
     assert Corpus.open(uri, storage_options=options, index_uri=other).schedule.dims[0] == 16

@@ -13,18 +13,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mrl_core.funnel import (
-    FunnelSchedule,
-    IdMap,
-    exact_search,
-    funnel_search,
-    gather,
-    merge_top_k,
-    top_k,
-)
+from mrl_core.funnel import FunnelSchedule, IdMap, funnel_search, take_rows
 from mrl_core.ledger import CommitLog, decode_positions, encode_positions
 from mrl_core.nesting import NestingSpec, l2_normalize, prefix
 from mrl_core.objectstore import parse_seconds, redact
+from mrl_core.search import exact_search, merge_top_k, top_k
 from mrl_core.storage import POSITION_BITS, derive_ids, embedding_arrays, shard_key
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -193,11 +186,11 @@ def _tiers(vectors: np.ndarray, ids: np.ndarray, dims: list[int]):
     idmap = IdMap(ids)
 
     def tier0(dim, queries, n):
-        _, pos = exact_search(by_dim[dim], queries, min(n, len(ids)))
+        _, pos = exact_search(queries, by_dim[dim], min(n, len(ids)))
         return np.where(pos >= 0, ids[np.maximum(pos, 0)], -1)
 
     def fetch(dim, keys):
-        return gather(by_dim[dim], idmap.positions(keys))
+        return take_rows(by_dim[dim], idmap.positions(keys))
 
     return by_dim, tier0, fetch
 
@@ -235,7 +228,7 @@ def test_funnel_with_shortlists_covering_the_corpus_is_exact_search(corpus, data
     by_dim, tier0, fetch = _tiers(vectors, ids, dims)
     q = {d: l2_normalize(queries[:, :d]) for d in dims}
     scores, _ = funnel_search(FunnelSchedule(tuple(dims), (len(ids),) * (len(dims) - 1)), q, k, tier0, fetch)
-    exact, _ = exact_search(by_dim[dim], q[dim], k)
+    exact, _ = exact_search(q[dim], by_dim[dim], k)
     np.testing.assert_allclose(scores, exact, rtol=1e-5, atol=1e-5)  # equal up to ties
 
 

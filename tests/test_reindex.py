@@ -22,12 +22,13 @@ import pytest
 import ray
 
 from mrl_core import Corpus
-from mrl_core.index import default_index_uri, list_versions, read_manifest
+from mrl_core.index_store import default_index_uri, list_versions, read_manifest
 from mrl_core.storage import derive_ids, read_ledger
 from pipelines.reindex import ReindexConfig, main, run_reindex
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["vector", "search", "index", "matryoshka", "nested", "embedding", "lance", "ray", "shard", "encoder", "query", "funnel", "prefix", "recall", "cosine", "tier", "rerank"]
+WORDS = ["vector", "search", "index", "matryoshka", "nested", "embedding", "lance", "ray", "shard", "encoder",
+         "query", "funnel", "prefix", "recall", "cosine", "tier", "rerank"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -22,7 +22,8 @@ import torch
 from conftest import write_corpus
 
 from mrl_core import objectstore
-from mrl_core.index import build_index, load_index, read_current, read_manifest
+from mrl_core.index import build_index
+from mrl_core.index_store import load_index, read_current, read_manifest
 from mrl_core.storage import delete_shards, derive_ids, embedding_arrays, make_schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ def test_tampered_index_files_are_refused(tmp_path):
     ``CURRENT`` can only name a version directory (no path traversal)."""
     uri = str(tmp_path / "c.lance")
     write_corpus(uri, np.random.default_rng(0).normal(size=(300, 256)).astype(np.float32))
-    manifest = build_index(uri, funnel="paper", calibration_queries=10, log=None)
+    manifest = build_index(uri, funnel="paper", calibration_queries=10)
     index_uri = uri + ".indexes"
     tier0 = Path(index_uri) / manifest.version / manifest.tier0_file
     tier0.write_bytes(tier0.read_bytes()[:-8] + b"\x00" * 8)
@@ -299,7 +300,7 @@ def test_local_outputs_stay_under_the_output_path(tmp_path):
     try:
         out = tmp_path / "results" / "emb.lance"
         run_embed(EmbedConfig(input=str(src), output=str(out), progress=False))
-        build_index(str(out), funnel="paper", calibration_queries=10, log=None)
+        build_index(str(out), funnel="paper", calibration_queries=10)
     finally:
         os.chdir(cwd)
     new = {p for p in tmp_path.rglob("*")} - before

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
 import tarfile
@@ -21,21 +22,30 @@ from torch import nn
 
 from mrl_core.encoders import get_encoder
 from mrl_core.evaluate import linear_probe_accuracy
+from mrl_core.sources import read_table
 from mrl_core.training import (
+    AdaptorJob,
+    ClassifierJob,
     ClassifierObjective,
     FitConfig,
+    ImageDataset,
     NestedClassifier,
     Runner,
+    build_classifier,
+    export_classifier,
     fit,
+    image_transform,
     latest_checkpoint,
     predict,
+    prepare_adaptor_data,
 )
+from mrl_core.training.data import expand_shards, scan_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipelines.train import build_parser, main  # noqa: E402
 
-QUIET = Runner(log=lambda msg: None)
+QUIET = Runner()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -120,7 +130,7 @@ class Interrupt(Exception):
     pass
 
 
-def test_checkpoints_resume_to_the_same_state(tmp_path):
+def test_checkpoints_resume_to_the_same_state(tmp_path, caplog):
     x, y = gaussian_task(n=600)
     cfg = FitConfig(epochs=3, batch_size=64, lr=1e-2, log_every=0, seed=7)
 
@@ -132,20 +142,43 @@ def test_checkpoints_resume_to_the_same_state(tmp_path):
             raise Interrupt
 
     interrupted = classifier([4, 32], seed=1)
-    runner = Runner(report=stop_after_first, log=lambda m: None)
+    runner = Runner(report=stop_after_first)
     with pytest.raises(Interrupt):
         fit(ClassifierObjective(interrupted), Rows(x, y), collate, cfg, tmp_path / "b", runner)
     assert latest_checkpoint(tmp_path / "b").name == "epoch-0001"
 
     resumed = classifier([4, 32], seed=99)  # a fresh model: everything comes from the checkpoint
-    logs = []
-    hist = fit(ClassifierObjective(resumed), Rows(x, y), collate, cfg, tmp_path / "b",
-               Runner(log=logs.append))
+    with caplog.at_level(logging.INFO, logger="mrl_core.training"):
+        hist = fit(ClassifierObjective(resumed), Rows(x, y), collate, cfg, tmp_path / "b", QUIET)
+    logs = [r.getMessage() for r in caplog.records]
     assert any("resumed" in m for m in logs)
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     assert latest_checkpoint(tmp_path / "b").name == "epoch-0003"
+
+
+def test_resume_refuses_a_checkpoint_from_other_settings(tmp_path):
+    x, y = gaussian_task(n=256)
+    cfg = FitConfig(epochs=1, batch_size=64, lr=1e-2, log_every=0)
+    fit(ClassifierObjective(classifier([4, 32])), Rows(x, y), collate, cfg, tmp_path, QUIET)
+
+    other_lr = FitConfig(**{**cfg.__dict__, "lr": 2e-2})
+    with pytest.raises(ValueError, match=r"lr: checkpoint 0\.01, given 0\.02") as err:
+        fit(ClassifierObjective(classifier([4, 32])), Rows(x, y), collate, other_lr, tmp_path,
+            QUIET)
+    assert "another --out" in str(err.value) and str(tmp_path / "checkpoints") in str(err.value)
+    with pytest.raises(ValueError, match=r"nesting_dims: checkpoint \[4, 32\], given \[8, 32\]"):
+        fit(ClassifierObjective(classifier([8, 32])), Rows(x, y), collate, cfg, tmp_path, QUIET)
+    with pytest.raises(ValueError, match=r"dim_loss_weights.*; objective"):
+        fit(ClassifierObjective(classifier([4, 32]), weights=[2.0, 1.0]), Rows(x, y), collate,
+            cfg, tmp_path, QUIET, settings={"objective": "changed"})
+
+    # more epochs, other logging: the same run, continued
+    longer = FitConfig(**{**cfg.__dict__, "epochs": 2, "log_every": 5, "keep_checkpoints": 0})
+    hist = fit(ClassifierObjective(classifier([4, 32])), Rows(x, y), collate, longer, tmp_path,
+               QUIET)
+    assert [h["epoch"] for h in hist] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +205,17 @@ def texts_parquet(tmp_path_factory):
 @pytest.fixture(scope="module")
 def static_dir(tmp_path_factory, make_static_dir):
     return make_static_dir(tmp_path_factory.mktemp("static") / "base")
+
+
+def test_tables_are_read_by_sources_with_errors_naming_the_file(tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a", "label": 1}\n{"text": null, "label": 2}\n')
+    table = read_table(str(data), ["text", "label"], max_rows=1)
+    assert table.column("text").to_pylist() == ["a"]
+    with pytest.raises(ValueError, match=r"rows\.jsonl has no column\(s\) \['section'\]; it has"):
+        read_table(str(data), ["text", "section"])
+    with pytest.raises(FileNotFoundError, match="cannot read .*missing.parquet"):
+        read_table(str(tmp_path / "missing.parquet"), ["text"])
 
 
 def test_cli_help_documents_every_option():
@@ -204,6 +248,20 @@ def test_cli_local_bag_classifier_trains_evaluates_and_exports(tmp_path, texts_p
     # re-running the finished command resumes and trains nothing more
     assert main(args) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_cli_refuses_to_resume_under_other_model_settings(tmp_path, texts_parquet, static_dir):
+    def args(*extra: str, epochs: str = "1") -> list[str]:
+        return ["classify", "--data", str(texts_parquet), "--label-column", "section",
+                "--init", f"static:{static_dir}", "--dims", "4,16", "--epochs", epochs,
+                "--max-rows", "64", "--out", str(tmp_path / "run"), "--local", "--log-every",
+                "0", *extra]
+
+    assert main(args()) == 0
+    with pytest.raises(ValueError, match="label_smoothing: checkpoint 0.0, given 0.1"):
+        main(args("--label-smoothing", "0.1"))
+    assert main(args(epochs="2")) == 0  # more epochs: the same run, resumed
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_cli_local_bag_with_projection_mrl_e_and_sparse_table(tmp_path, texts_parquet, static_dir):
@@ -303,6 +361,23 @@ def test_cli_local_images_from_webdataset_shards(tmp_path):
     assert "fc.nesting_classifier_0.weight" in state and "conv1.weight" in state
 
 
+def test_streamed_webdataset_lr_schedule_ends_at_zero_on_the_last_step(tmp_path):
+    pytest.importorskip("torchvision")
+    pattern = _shards(tmp_path, 3)  # 8 samples each; the last shard is the validation set
+    counts, labels = scan_shards(expand_shards(pattern))
+    assert list(counts.values()) == [8, 8, 8] and labels == {"0", "1"}
+    out = tmp_path / "run"
+    main(["classify", "--modality", "image", "--data", pattern, "--encoder",
+          "torchvision:resnet18", "--image-size", "32", "--dims", "8,512", "--epochs", "2",
+          "--batch-size", "8", "--lr", "0.01", "--out", str(out), "--local", "--log-every", "0"])
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 16 training samples, 8 a batch: 2 steps an epoch, 4 in all; the cosine is halfway after
+    # the first epoch and at 0 after the last step (not before, not later)
+    assert [e["step"] for e in epochs] == [2, 4]
+    assert epochs[0]["lr"] == pytest.approx(0.005, rel=1e-6)
+    assert epochs[1]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_cli_local_timm_backbone_trains_and_exports_its_weights(tmp_path):
     timm = pytest.importorskip("timm")
     out = tmp_path / "run"
@@ -332,7 +407,96 @@ def test_cli_local_resnet50_from_parquet_loads_as_mrl_resnet50(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# exports embed as the trained model did: one pooling and preprocessing for training and serving
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@torch.inference_mode()
+def _training_forward(parts: dict, dataset) -> np.ndarray:
+    encoder = parts["model"].eval().encoder
+    return encoder(parts["collate"]([dataset[i] for i in range(len(dataset))])).numpy()
+
+
+@pytest.mark.parametrize("kind", ["bag", "hf-mean", "hf-cls", "image"])
+def test_the_export_embeds_as_the_training_forward_did(kind, tmp_path, texts_parquet, static_dir):
+    fit_cfg = FitConfig(epochs=1, batch_size=16, lr=0.02, log_every=0)
+    texts = pq.read_table(texts_parquet).column("text").to_pylist()[:32]
+    common = {"out": str(tmp_path / "run"), "label_column": "section", "val_fraction": 0.0,
+              "max_rows": 32, "fit": fit_cfg}
+    if kind == "bag":  # the projection is folded into the table; texts cut at 6 tokens both ways
+        job = ClassifierJob(data=str(texts_parquet), init=f"static:{static_dir}", embed_dim=8,
+                            dims="4,8", max_length=6, **common)
+    elif kind.startswith("hf"):
+        bert = _tiny_bert(tmp_path / "bert", texts)
+        job = ClassifierJob(data=str(texts_parquet), encoder=f"hf:{bert}", dims="4,16",
+                            pooling=kind[3:], **common)
+    else:
+        pytest.importorskip("torchvision")
+        rows = list(_samples(4))
+        data = tmp_path / "images.parquet"
+        pq.write_table(pa.table({"image": [r[1] for r in rows], "label": [r[2] for r in rows]}),
+                       data)
+        common.update(label_column="label", fit=FitConfig(epochs=1, batch_size=2, log_every=0))
+        job = ClassifierJob(data=str(data), modality="image", encoder="resnet50", image_size=32,
+                            dims="8,2048", **common)
+    parts = build_classifier(job, QUIET)
+    fit(parts["objective"], parts["train"], parts["collate"], job.fit, job.out, QUIET)
+    export = tmp_path / "run" / "export"
+    export_classifier(job, parts, export)
+
+    if kind == "image":  # served at the standard 224 crop: compare the training eval transform
+        inputs = [r[1] for r in rows]
+        dataset = ImageDataset(inputs, np.zeros(len(inputs)), image_transform(224, train=False))
+        served = get_encoder(f"mrl-resnet50:{export / 'model.pt'}", device="cpu")
+    else:
+        inputs, dataset = texts, parts["train"]  # val_fraction 0: the rows in input order
+        prefix = "static" if kind == "bag" else "hf"
+        served = get_encoder(f"{prefix}:{export}", device="cpu")
+    trained = _training_forward(parts, dataset)
+    embedded = served.encode(inputs)
+    assert embedded.shape == trained.shape
+    assert _cosines(trained, embedded).min() >= 0.9999
+    assert served.nesting.dims == parts["nesting"].dims
+
+
+# ---------------------------------------------------------------------------------------------
 # the adaptor through the CLI, and Ray Train
+
+
+def test_adaptor_data_cache_is_rebuilt_when_its_settings_change(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    first, second = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(first, rng.standard_normal((120, 8)).astype(np.float32))
+    np.save(second, rng.standard_normal((90, 8)).astype(np.float32))
+    job = AdaptorJob(out=str(tmp_path / "ad"), embeddings=str(first), max_rows=None,
+                     holdout=20, neighbours=4)
+    data = prepare_adaptor_data(job)
+    built = (data / "knn.npy").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mrl_core.training"):
+        assert prepare_adaptor_data(job) == data  # same settings: the cache is reused
+    assert (data / "knn.npy").stat().st_mtime_ns == built and not caplog.records
+
+    def rebuilt(**changes) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mrl_core.training"):
+            prepare_adaptor_data(job.__class__(**{**job.__dict__, **changes}))
+        return [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+
+    assert any("holdout: cache 20, given 30" in m for m in rebuilt(holdout=30))
+    assert np.load(data / "holdout.npy").shape == (30, 8)
+    assert any("embeddings: cache" in m for m in rebuilt(embeddings=str(second)))
+    assert np.load(data / "train.npy").shape == (90 - 20, 8)
+    assert any("neighbours: cache 4, given 6" in m for m in rebuilt(neighbours=6))
+    assert np.load(data / "knn.npy").shape == (100, 6)
+    assert any("seed: cache 0, given 3" in m
+               for m in rebuilt(fit=FitConfig(**{**job.fit.__dict__, "seed": 3})))
+    assert any("max_rows: cache None, given 50" in m for m in rebuilt(max_rows=50))
+    assert np.load(data / "train.npy").shape == (30, 8)
 
 
 def test_cli_local_adaptor_round_trips_through_get_encoder(tmp_path, static_dir):

@@ -15,9 +15,10 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from mrl_core.defaults import ENCODER
 from mrl_core.encoders.base import Encoder, Features, budget_batches, check_texts
 
-DEFAULT_ENCODER = "wordllama-256"
+DEFAULT_ENCODER = ENCODER
 
 # kind -> "module:function"; the function takes the spec's argument plus keyword options.
 _LOADERS: dict[str, str] = {

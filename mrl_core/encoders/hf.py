@@ -1,9 +1,12 @@
 """Hugging Face transformer encoders from a local checkpoint directory (AutoModel + AutoTokenizer).
 
 Texts are tokenised without padding on the CPU; the device half sorts them by length, packs
-batches to a padded-token budget, and pools the last hidden state (mean over the attention mask,
-or the first token). Asymmetric models (e.g. nomic's ``search_query: `` / ``search_document: ``)
-get their prefixes here: ``encode`` embeds documents, ``encode_queries`` queries.
+batches to a padded-token budget, and pools the last hidden state with ``pooling.pool`` (mean
+over the attention mask, or the first token), as training's ``HFTextEncoder`` does. A checkpoint
+exported by training carries ``mrl_encoder.json`` (pooling, max length, nesting dims), which
+``load_hf`` follows unless told otherwise. Asymmetric models (e.g. nomic's ``search_query: `` /
+``search_document: ``) get their prefixes here: ``encode`` embeds documents, ``encode_queries``
+queries.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from mrl_core.encoders.base import (
     fingerprint_of,
     pick_device,
 )
+from mrl_core.encoders.pooling import POOLINGS, pool
 from mrl_core.nesting import NestingSpec
 
-POOLINGS = ("mean", "cls")
+ENCODER_CONFIG = "mrl_encoder.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
@@ -122,24 +126,19 @@ class HFEncoder(TextEncoderBase):
         ids_t = torch.from_numpy(input_ids).to(self.device)
         mask_t = torch.from_numpy(mask).to(self.device)
         hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0].float()
-        else:
-            m = mask_t.unsqueeze(-1).to(torch.float32)
-            pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return pooled.cpu().numpy()
+        return pool(hidden, mask_t, self.pooling).cpu().numpy()
 
 
 def load_hf(
     path: str | Path,
     *,
-    pooling: str = "mean",
+    pooling: str | None = None,
     query_prefix: str = "",
     document_prefix: str = "",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     batch_tokens: int = 16384,
-    max_length: int = 512,
+    max_length: int | None = None,
     nesting: Sequence[int] | str | None = None,
     trust_remote_code: bool = False,
     **_: Any,
@@ -150,17 +149,24 @@ def load_hf(
     overrides). ``max_length`` is capped by the tokenizer's own limit. The fingerprint covers the
     stored weights (sorted by key), the config, the tokenizer files, pooling, prefixes and
     ``max_length``, so it does not depend on the device or dtype the model runs in.
+
+    ``pooling`` (default mean), ``max_length`` (default 512) and ``nesting`` not given come from
+    the directory's ``mrl_encoder.json`` when it has one (a training export).
     """
     from transformers import AutoModel, AutoTokenizer
 
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"Hugging Face checkpoint directory not found: {path}")
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in Hugging Face checkpoint directory {path}")
+    saved = read_encoder_config(path)
+    pooling = pooling or saved.get("pooling", "mean")
+    max_length = max_length or saved.get("max_length", 512)
+    nesting = nesting or saved.get("nesting_dims")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     weights_hash = fingerprint_of(*_weight_digests(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -192,6 +198,28 @@ def load_hf(
         pooling=pooling, query_prefix=query_prefix, document_prefix=document_prefix,
         batch_tokens=batch_tokens, max_length=max_length, nesting=nesting,
     )
+
+
+def write_encoder_config(
+    path: str | Path, pooling: str, max_length: int, nesting: Sequence[int]
+) -> None:
+    """Record how a checkpoint embeds (``mrl_encoder.json``) so that ``load_hf`` reproduces it."""
+    config = {"pooling": pooling, "max_length": int(max_length), "nesting_dims": list(nesting)}
+    (Path(path) / ENCODER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def read_encoder_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``mrl_encoder.json``, or {} for a plain checkpoint."""
+    file = path / ENCODER_CONFIG
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"cannot parse {file}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds {type(config).__name__}, expected an object")
+    return config
 
 
 def _weight_digests(path: Path) -> Iterator[str]:

@@ -5,11 +5,11 @@ RAIVNLab/MRL saves the ``state_dict`` of a torchvision ``resnet50`` whose ``fc``
 prefixed ``module.``) and with BlurPool (strided convs wrapped as ``<conv>.conv`` next to a
 ``<conv>.blur_filter`` buffer). Its older MRL-E checkpoints keep the shared head as a plain
 ``fc.weight``. All of these load here; the embedding is the 2048-dim pooled feature before ``fc``.
+Images are preprocessed by ``encoders.images``, the code training's eval transform runs.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mrl_core.encoders.base import Features, budget_batches, fingerprint_of, pick_device
+from mrl_core.encoders.images import CROP, RESIZE, decode_image, eval_crop, normalize, to_pixels
 from mrl_core.layers import NestedLinear
 from mrl_core.nesting import NestingSpec
 
@@ -27,9 +28,6 @@ MRL_NESTING = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 """The official repository's nesting list, 2**3 .. 2**11."""
 
 FEATURE_DIM = 2048
-RESIZE, CROP = 256, 224  # the standard ImageNet eval transform the MRL repo uses
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _HEAD_KEY = re.compile(r"fc\.nesting_classifier_(\d+)\.weight")
 
 
@@ -63,15 +61,9 @@ class MRLResNet50Encoder:
         fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         self.backbone = backbone.eval().to(device, dtype, memory_format=fmt)
         self.head = None if head is None else head.eval().to(device, dtype)
-        shape = (1, 3, 1, 1)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(shape) * 255
-        self._std = torch.tensor(IMAGENET_STD, device=device).view(shape) * 255
 
     def preprocess(self, inputs: Sequence[Any]) -> Features:
         """Decode, convert to RGB, resize the short side to 256 and center-crop 224: uint8 [N,3,224,224]."""
-        from PIL import Image
-        from torchvision.transforms import functional as tvf
-
         if isinstance(inputs, (bytes, bytearray, str)):
             raise TypeError("encode() takes a list of images (encoded bytes), not a single one")
         inputs = list(inputs)
@@ -83,12 +75,10 @@ class MRLResNet50Encoder:
                 kind = "None" if data is None else type(data).__name__
                 raise TypeError(f"input {i} is {kind}, expected encoded image bytes")
             try:
-                with Image.open(io.BytesIO(data)) as img:
-                    rgb = img.convert("RGB")
+                rgb = decode_image(data)
             except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
                 raise ValueError(f"input {i} is not a decodable image: {exc}") from exc
-            rgb = tvf.center_crop(tvf.resize(rgb, RESIZE), CROP)
-            pixels[i] = np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
+            pixels[i] = to_pixels(eval_crop(rgb, CROP))
         return {"pixels": pixels}
 
     @torch.inference_mode()
@@ -98,8 +88,7 @@ class MRLResNet50Encoder:
         out = np.empty((len(pixels), self.dim), dtype=np.float32)
         costs = np.full(len(pixels), pixels.shape[2] * pixels.shape[3])
         for rows in budget_batches(costs, self.batch_pixels):
-            x = torch.from_numpy(pixels[rows]).to(self.device).float()
-            x = ((x - self._mean) / self._std).to(self.dtype)
+            x = normalize(torch.from_numpy(pixels[rows]).to(self.device)).to(self.dtype)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             out[rows] = self.backbone(x).float().cpu().numpy()

@@ -2,8 +2,8 @@
 
 Covers WordLlama's Matryoshka table (read straight from the installed ``wordllama`` package's
 files, never through its downloading loader) and any model2vec-style directory holding a
-safetensors table and a ``tokenizer.json``. Pooling runs in torch (``embedding_bag``), so the
-same code runs on a GPU.
+safetensors table and a ``tokenizer.json``. Pooling is ``pooling.token_bag_mean`` (torch's
+``embedding_bag``, so it runs on a GPU too), as in training's ``TokenBagEncoder``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from mrl_core.encoders.base import Features, TextEncoderBase, Tokenize, fingerprint_of, pick_device
+from mrl_core.encoders.pooling import token_bag_mean
 from mrl_core.nesting import NestingSpec
 
 WORDLLAMA_TRAINED_DIMS = (64, 128, 256)
@@ -60,7 +61,9 @@ class StaticEncoder(TextEncoderBase):
         self.name = name
         self.dim = int(table.shape[1])
         self.nesting = NestingSpec.for_model(self.dim, nesting)
-        self.fingerprint = fingerprint_of(table, tokenizer.to_str(), name)
+        # a non-default truncation changes long texts' embeddings: part of the fingerprint then
+        limit = () if max_tokens_per_text == MAX_TOKENS_PER_TEXT else (f"max_tokens={max_tokens_per_text}",)
+        self.fingerprint = fingerprint_of(table, tokenizer.to_str(), name, *limit)
         self.device = pick_device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.batch_tokens = batch_tokens
@@ -86,7 +89,7 @@ class StaticEncoder(TextEncoderBase):
             lo, hi = int(offsets[start]), int(offsets[stop])
             flat = torch.from_numpy(ids[lo:hi]).to(self.device)
             offs = torch.from_numpy(offsets[start:stop] - lo).to(self.device)
-            pooled = torch.nn.functional.embedding_bag(flat, self.table, offs, mode="mean")
+            pooled = token_bag_mean(flat, offs, self.table)
             out[start:stop] = pooled.float().cpu().numpy()
             start = stop
         return out
@@ -100,7 +103,8 @@ def load_static(
 ) -> StaticEncoder:
     """A model2vec-style directory: one safetensors file (the table) and ``tokenizer.json``.
 
-    ``config.json``, if present, may give ``nesting_dims``.
+    ``config.json``, if present, may give ``nesting_dims`` and ``max_tokens_per_text`` (the
+    truncation a trained table was trained with; an explicit keyword wins).
     """
     path = Path(path)
     if not path.is_dir():
@@ -119,7 +123,7 @@ def load_static(
         _read_tokenizer(tokenizer_file),
         name=name or f"static:{path.resolve()}",
         nesting=nesting or config.get("nesting_dims"),
-        **kwargs,
+        **{"max_tokens_per_text": config.get("max_tokens_per_text", MAX_TOKENS_PER_TEXT), **kwargs},
     )
 
 
