@@ -33,6 +33,7 @@ from mrl_core.index import build_index, human_bytes
 from mrl_core.index_store import default_index_uri, read_manifest
 from mrl_core.nesting import l2_normalize
 from mrl_core.search import recall_at_k_with_ties
+from mrl_core.settings import EmbedSettings
 from mrl_core.storage import (
     INFO_KEY,
     DatasetInfo,
@@ -134,7 +135,7 @@ def write_dataset(uri: str, table: pa.Table, emb: np.ndarray, keep: list[str], i
         for start in range(0, len(emb), 131_072):
             stop = min(start + 131_072, len(emb))
             cols = {
-                "id": pa.array(derive_ids(shard, np.arange(start, stop))),
+                "id": pa.array(derive_ids(1, np.arange(start, stop))),
                 "shard": pa.array([shard] * (stop - start)),
                 **{c: table[c].slice(start, stop - start).combine_chunks() for c in keep},
                 **embedding_arrays(emb[start:stop], DIMS),
@@ -176,7 +177,8 @@ def main() -> None:
         name = f"synthetic-{args.synthetic_rows}"
     del emb
     encoder = get_encoder(args.encoder)
-    info = DatasetInfo(args.encoder, fingerprint, encoder.dim, DIMS, tuple(encoder.nesting.dims))
+    settings = EmbedSettings(encoder=args.encoder, dims=DIMS, keep=tuple(keep))
+    info = DatasetInfo(settings, fingerprint, encoder.dim, tuple(encoder.nesting.dims))
     uri = str(work / f"{name}.lance")
     ds = write_dataset(uri, corpus_table, corpus_emb, keep, info)
     rows = ds.count_rows()

@@ -38,11 +38,13 @@ from mrl_core.corpus import Corpus
 from mrl_core.index import build_index
 from mrl_core.index_store import IndexMismatchError, default_index_uri, load_index, read_current
 from mrl_core.nesting import l2_normalize
+from mrl_core.settings import EmbedSettings
 from mrl_core.storage import (
     INFO_KEY,
     DatasetInfo,
     derive_ids,
     embedding_arrays,
+    legacy_shard_key,
     make_schema,
     open_dataset,
     read_info,
@@ -243,7 +245,6 @@ def write_shard(path: Path, texts: list[str]) -> None:
 def reindex_setup(args: argparse.Namespace, work: Path) -> tuple[str, np.ndarray, Any]:
     """Real texts embedded by the re-index pipeline; rounds add a shard and re-index."""
     from mrl_core.encoders import get_encoder
-    from mrl_core.settings import EmbedSettings
     from pipelines.reindex import ReindexConfig, run_reindex
 
     total = args.rows + args.rounds * args.round_rows + args.query_pool
@@ -291,11 +292,12 @@ def nested_vectors(n: int, dim: int, seed: int, clusters: int = 256) -> np.ndarr
 def append_vectors(uri: str, vectors: np.ndarray, shard: str, create: bool) -> None:
     """Rows as the embed pipeline writes them (ids, shard, emb_<d>, the dataset info)."""
     schema = make_schema(DIMS, "float16")
-    table = pa.table({"id": pa.array(derive_ids(shard, np.arange(len(vectors))), pa.int64()),
+    table = pa.table({"id": pa.array(derive_ids(legacy_shard_key(shard), np.arange(len(vectors))), pa.int64()),
                       "shard": pa.array([shard] * len(vectors)), **embedding_arrays(vectors, DIMS)}, schema=schema)
     ds = lance.write_dataset(table, uri, mode="create" if create else "append", max_rows_per_file=1 << 16)
     if create:
-        ds.update_config({INFO_KEY: DatasetInfo("synthetic", "synthetic", DIMS[-1], DIMS, DIMS).to_json()})
+        info = DatasetInfo(EmbedSettings(encoder="synthetic", dims=DIMS), "synthetic", DIMS[-1], DIMS)
+        ds.update_config({INFO_KEY: info.to_json()})
 
 
 def rebuild_setup(args: argparse.Namespace, work: Path) -> tuple[str, np.ndarray, Any]:

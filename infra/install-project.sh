@@ -6,9 +6,11 @@
 #   bash infra/install-project.sh [SRC_DIR] [EXTRAS]     # defaults: .  gpu,s3,gcs
 #
 # - Editable install, so a tree re-synced by `ray up` is what runs, with no reinstall.
-# - faiss: faiss-cpu is a base dependency and the `gpu` extra adds faiss-gpu; both ship
-#   the same `faiss` module, so with the `gpu` extra faiss-cpu is removed and faiss-gpu
-#   (same version) force-reinstalled, leaving one intact GPU build (it runs on CPU too).
+# - faiss: EXTRAS must name exactly one of `cpu` (faiss-cpu) and `gpu` (faiss-gpu 1.15.1,
+#   a CUDA 12 build, with torch < 2.11 built for the same CUDA 12.8; needs an NVIDIA
+#   driver >= 570). Both wheels ship the same `faiss` module, so they are never installed
+#   together; an environment that has both from an older install gets faiss-cpu removed
+#   and faiss-gpu reinstalled (the GPU build runs every CPU index too).
 # - Dependencies are resolved again only when pyproject.toml or EXTRAS change (a stamp
 #   in site-packages); otherwise only the editable link is refreshed, so a node that
 #   boots from the prebuilt image is ready in seconds.
@@ -20,6 +22,13 @@ SRC="$(cd "${1:-.}" && pwd)"
 EXTRAS="${2:-gpu,s3,gcs}"
 PY="${PYTHON:-python}"
 
+has() { [[ ",$EXTRAS," == *",$1,"* ]]; }
+if has cpu && has gpu; then
+    echo "EXTRAS names both cpu and gpu: pick one FAISS build" >&2; exit 2
+elif ! has cpu && ! has gpu; then
+    echo "EXTRAS must name cpu or gpu (the FAISS build), got: $EXTRAS" >&2; exit 2
+fi
+
 site="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 stamp="$site/mrl-embed-deps.sha256"
 want="$({ cat "$SRC/pyproject.toml"; echo "extras=$EXTRAS"; } | sha256sum | cut -d' ' -f1)"
@@ -28,7 +37,8 @@ if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
     "$PY" -m pip install --no-deps -e "$SRC"
 else
     "$PY" -m pip install -e "${SRC}[${EXTRAS}]"
-    if [[ ",$EXTRAS," == *",gpu,"* ]]; then
+    if has gpu && "$PY" -m pip show -q faiss-cpu 2>/dev/null; then
+        # left by an older install: remove it, then restore the faiss module it overwrote
         version="$("$PY" -m pip show faiss-gpu | sed -n 's/^Version: //p')"
         "$PY" -m pip uninstall -y faiss-cpu
         "$PY" -m pip install --no-deps --force-reinstall "faiss-gpu==$version"

@@ -208,9 +208,23 @@ class AdaptedEncoder:
         """float32 [N, d]: the base's embedding of a preprocessed batch, adapted."""
         return self.adapt(self.base.embed_features(features))
 
-    def encode(self, inputs: Sequence[Any]) -> np.ndarray:
-        """float32 [N, d] adapted embeddings of ``inputs``."""
-        return self.embed_features(self.preprocess(inputs))
+    def encode(self, inputs: Sequence[Any] | Any, dim: int | None = None) -> np.ndarray:
+        """float32 [N, d] adapted embeddings of ``inputs`` (one str or bytes: one row, [1, d]);
+        ``dim``: the L2-normalised first ``dim`` coordinates instead."""
+        from mrl_core.encoders.base import as_batch, check_dim, take_dim
+
+        dim = check_dim(dim, self)
+        return take_dim(self.embed_features(self.preprocess(as_batch(inputs))), dim)
+
+    def encode_queries(self, inputs: Sequence[Any] | Any, dim: int | None = None) -> np.ndarray:
+        """Like ``encode``, through the base's ``encode_queries`` (its query prompt) where it has
+        one: an adaptor over an asymmetric model embeds queries as that model does."""
+        from mrl_core.encoders.base import check_dim, take_dim
+
+        dim = check_dim(dim, self)
+        if not hasattr(self.base, "encode_queries"):
+            return self.encode(inputs, dim)
+        return take_dim(self.adapt(self.base.encode_queries(inputs)), dim)
 
 
 def load_adaptor(

@@ -7,13 +7,22 @@ text or vector from a notebook.
 
 Longer prefixes for re-ranking are fetched by id: from memory when the tier fits the cache budget
 (loaded on first use), else from Lance (``take`` of the rows' positions).
+
+``search(..., where="section = 'python'")`` pre-filters with a Lance SQL filter: the result is the
+best k among the matching rows. Tier 0 searches only matching rows (an exact scan over them when
+they are few, else the FAISS index restricted to their ids by an ``IDSelector``), and the re-rank
+reads only the matching rows tier 0 returns.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import faiss
@@ -30,13 +39,13 @@ from mrl_core.index_store import (
     default_index_uri,
     load_index,
 )
-from mrl_core.nesting import l2_normalize
-from mrl_core.search import exact_search, merge_top_k
+from mrl_core.search import BLOCK_ROWS, exact_search, merge_top_k
 from mrl_core.storage import (
     DatasetInfo,
     column_to_numpy,
     emb_column,
     embedding_dims,
+    encoder_fingerprint,
     open_dataset,
     read_info,
     rows_signature,
@@ -44,6 +53,30 @@ from mrl_core.storage import (
 from mrl_core.tier0 import Tier0Index
 
 RESULT_COLUMNS = ("query", "rank", "id", "score")
+
+FILTER_SCAN_ROWS = 65_536
+"""A filter matching at most this many rows is searched by an exact scan over them at the tier-0
+dim (exact, and cheap at this size); more use the index restricted to the matching ids."""
+
+FILTER_CACHE = 4
+"""Filters whose matching ids a ``Corpus`` keeps (the most recently used)."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """The rows a filter matches: their ids and row positions, in position order."""
+
+    where: str
+    ids: np.ndarray
+    positions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @cached_property
+    def selector(self) -> faiss.IDSelector:
+        """A FAISS selector of these ids, built once (a hash set of them)."""
+        return faiss.IDSelectorBatch(self.ids)
 
 
 class EncoderMismatchError(RuntimeError):
@@ -74,6 +107,9 @@ class Corpus:
         self._idmap: IdMap | None = None
         self._tiers: dict[int, np.ndarray] = {}
         self._encoder = None
+        self._matches: dict[str, Match] = {}
+        self._selector_ok = True  # cleared when the index turns out to take no IDSelector (PQ fast-scan)
+        self.filter_scan_rows = FILTER_SCAN_ROWS
 
     @classmethod
     def open(
@@ -151,19 +187,23 @@ class Corpus:
         return funnel
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 [N, full_dim] embeddings of ``texts`` with the dataset's own encoder."""
+        """float32 [N, full_dim] embeddings of query ``texts`` with the dataset's own encoder: its
+        ``encode_queries`` (the query prompt) where it has one, else ``encode``."""
         if self._encoder is None:
             from mrl_core.encoders import get_encoder
 
-            encoder = get_encoder(self.info.encoder)
-            if encoder.fingerprint != self.info.fingerprint:
+            options = self.info.settings.encoder_options  # recorded with the dataset
+            encoder = get_encoder(self.info.encoder, **options)
+            fingerprint = encoder_fingerprint(encoder.fingerprint, options)
+            if fingerprint != self.info.fingerprint:
                 raise EncoderMismatchError(
-                    f"the encoder {self.info.encoder!r} found here has fingerprint {encoder.fingerprint}, "
+                    f"the encoder {self.info.encoder!r} found here has fingerprint {fingerprint}, "
                     f"but the dataset was embedded by fingerprint {self.info.fingerprint}: text queries "
                     f"would not be comparable. Install the same weights, or pass query vectors."
                 )
             self._encoder = encoder
-        return np.asarray(self._encoder.encode(list(texts)), dtype=np.float32)
+        encode = getattr(self._encoder, "encode_queries", self._encoder.encode)
+        return np.asarray(encode(list(texts)), dtype=np.float32)
 
     def search(
         self,
@@ -173,6 +213,7 @@ class Corpus:
         columns: Sequence[str] | None = None,
         exact: bool = False,
         batch_size: int = 1024,
+        where: str | None = None,
     ) -> pa.Table:
         """Top-k rows per query as a table: ``query`` (position), ``rank`` (1 = best), ``id``,
         ``score`` (cosine at the schedule's last dim), then the requested ``columns``.
@@ -180,30 +221,64 @@ class Corpus:
         ``queries``: texts (encoded with the dataset's encoder) or float vectors [Q, full_dim].
         ``funnel``: None/"auto" (the calibrated schedule), "paper", or a ``FunnelSchedule``.
         ``exact=True``: brute-force search at the full dim, the reference.
+        ``where``: a Lance SQL filter (``"section = 'python' AND year > 2020"``); the result is the
+        best k among the rows it matches (fewer only when fewer match; none when none do).
         """
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if k > self.rows:
             raise ValueError(f"k={k} is larger than the corpus ({self.rows:,} rows)")
         columns = self._check_columns(columns)
         schedule = None if exact else self.schedule_for(funnel)
+        match = None if where is None else self.match(where)
         texts, vectors = self._split_queries(queries)
         count = len(texts) if texts is not None else len(vectors)
+        if match is not None and not len(match):  # nothing to search: an empty result
+            nothing = (np.zeros((count, 0), np.float32), np.zeros((count, 0), np.int64))
+            return self._table([(0, *nothing)], columns)
         parts = []
         for start in range(0, count, batch_size):
             if texts is not None:
-                batch = self._check_vectors(self.encode(texts[start : start + batch_size]), start)
+                encoded = self.encode(texts[start : start + batch_size]).astype(np.float64)
+                batch = self._check_vectors(encoded, start)
             else:
                 batch = vectors[start : start + batch_size]
             by_dim = self._prefixes(batch, [self.full_dim] if schedule is None else schedule.dims)
             if schedule is None:
-                scores, ids = self._exact(by_dim[self.full_dim], k)
+                scores, ids = self._flat(self.full_dim, by_dim[self.full_dim], k, match)
             else:
                 scores, ids = funnel_search(
-                    schedule, by_dim, k, lambda d, q, n, s=schedule: self._tier0(d, q, n, s.nprobe), self._fetch
+                    schedule, by_dim, k, lambda d, q, n, s=schedule: self._tier0(d, q, n, s.nprobe, match),
+                    self._fetch,
                 )
             parts.append((start, scores, ids))
         return self._table(parts, columns)
+
+    def match(self, where: str) -> Match:
+        """The rows the Lance SQL filter ``where`` matches (kept for the next searches with it);
+        a ValueError naming the filter when Lance cannot run it."""
+        if not isinstance(where, str) or not where.strip():
+            raise ValueError(f"where must be a non-empty SQL filter string, got {where!r}")
+        with self._lock:
+            found = self._matches.pop(where, None)
+            if found is not None:
+                self._matches[where] = found  # most recently used last
+                return found
+        try:
+            ids = self.dataset.to_table(columns=["id"], filter=where)["id"].to_numpy()
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            message = re.sub(r", /\S+\.rs:\d+:\d+", "", str(exc))  # drop Lance's Rust source locations
+            raise ValueError(f"invalid filter {where!r}: {message}") from exc
+        positions = self._positions(ids)
+        order = np.argsort(positions, kind="stable")
+        found = Match(where, ids[order], positions[order])
+        with self._lock:
+            self._matches[where] = found
+            while len(self._matches) > FILTER_CACHE:
+                self._matches.pop(next(iter(self._matches)))
+        return found
 
     def warm(self, funnel: str | FunnelSchedule | None = None) -> None:
         """Load the id map and cache the schedule's tiers now rather than on the first search."""
@@ -229,7 +304,10 @@ class Corpus:
             if nones:
                 raise TypeError(f"query {nones[0]} is None: queries must be texts or an array of float vectors")
         try:
-            vectors = np.asarray(queries, dtype=np.float32)
+            vectors = np.asarray(queries)
+            if np.iscomplexobj(vectors):
+                raise TypeError("query vectors are complex numbers; embeddings are real: pass float vectors")
+            vectors = vectors.astype(np.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"queries must be texts or an array of float vectors: {exc}") from exc
         if vectors.ndim == 1:
@@ -249,6 +327,11 @@ class Corpus:
         bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
         if len(bad):
             raise ValueError(f"query vector(s) {(bad[:10] + offset).tolist()} contain NaN or inf")
+        if not self.info.normalized:
+            huge = np.flatnonzero(np.abs(vectors).max(axis=1) > np.finfo(np.float32).max)
+            if len(huge):
+                raise ValueError(f"query vector(s) {(huge[:10] + offset).tolist()} hold values beyond float32: "
+                                 f"this dataset's dot products would overflow")
         if self.info.normalized:
             zero = np.flatnonzero(~np.any(vectors != 0, axis=1))
             if len(zero):
@@ -259,10 +342,17 @@ class Corpus:
         return vectors
 
     def _prefixes(self, vectors: np.ndarray, dims: Sequence[int]) -> dict[int, np.ndarray]:
+        """float32 query prefixes at each dim, each normalised on its own (in float64, scaled by
+        its largest value first, so a vector of any finite size keeps its direction)."""
         out = {}
         for d in set(dims) | {self.full_dim}:
-            head = np.ascontiguousarray(vectors[:, :d], dtype=np.float32)
-            out[d] = l2_normalize(head) if self.info.normalized else head
+            head = np.asarray(vectors[:, :d], dtype=np.float64)
+            if self.info.normalized:
+                scale = np.abs(head).max(axis=1, keepdims=True)
+                head = head / np.where(scale > 0, scale, 1.0)
+                norm = np.linalg.norm(head, axis=1, keepdims=True)
+                head = head / np.where(norm > 0, norm, 1.0)
+            out[d] = np.ascontiguousarray(head, dtype=np.float32)
         return out
 
     def _check_columns(self, columns: Sequence[str] | None) -> list[str]:
@@ -319,17 +409,59 @@ class Corpus:
             out[valid] = column_to_numpy(table[emb_column(dim)], dim).astype(np.float32)[inverse]
         return out
 
-    def _tier0(self, dim: int, queries: np.ndarray, n: int, nprobe: int | None) -> np.ndarray:
-        """Ids of the n best rows at ``dim``: the index when it covers that dim, else a flat scan."""
-        if self.index is not None and self.manifest is not None and dim == self.manifest.dim:
-            if nprobe is None and self.schedule is not None:  # an explicit schedule: the calibrated probes
-                nprobe = self.schedule.nprobe
-            return self.index.search(queries, n, nprobe)[1]
-        return self._flat(dim, queries, n)[1]
+    def _tier0(
+        self, dim: int, queries: np.ndarray, n: int, nprobe: int | None, match: Match | None = None
+    ) -> np.ndarray:
+        """Ids of the n best rows at ``dim`` (of the rows ``match`` holds, when given): the index when
+        it covers that dim, else a flat scan. Matching rows are all returned when they are at most n,
+        scanned exactly when few, else searched with the index restricted to their ids."""
+        indexed = self.index is not None and self.manifest is not None and dim == self.manifest.dim
+        if indexed and nprobe is None and self.schedule is not None:  # an explicit schedule: calibrated probes
+            nprobe = self.schedule.nprobe
+        if match is None:
+            return self.index.search(queries, n, nprobe)[1] if indexed else self._flat(dim, queries, n)[1]
+        if len(match) <= n:  # every matching row is a candidate: the re-rank is exact over them
+            return np.broadcast_to(match.ids, (len(queries), len(match)))
+        if indexed and len(match) > self.filter_scan_rows and self._selector_ok:
+            found = self._selector_search(queries, n, nprobe, match)
+            if found is not None:
+                return found
+        return self._flat(dim, queries, n, match)[1]
 
-    def _flat(self, dim: int, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-n at ``dim`` over every row: from the cached tier, or streamed from Lance."""
+    def _selector_search(self, queries: np.ndarray, n: int, nprobe: int | None, match: Match) -> np.ndarray | None:
+        """Ids of the n best matching rows by the index, restricted to them by a FAISS ``IDSelector``
+        (on the CPU index: GPU indexes take none); None when the index takes no selector.
+
+        An IVF index probes ``nprobe / selectivity`` lists (at most all), so that it scores as many
+        matching rows as the unfiltered search scores rows."""
+        index = self.index.cpu_index
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is None:
+            params = faiss.SearchParameters(sel=match.selector)
+        else:
+            probes = nprobe or self.index.default_nprobe or 1
+            probes = min(int(ivf.nlist), math.ceil(probes * index.ntotal / len(match)))
+            params = faiss.SearchParametersIVF(sel=match.selector, nprobe=probes)
+        try:
+            return index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)[1]
+        except RuntimeError:  # e.g. PQ fast-scan: "search params not supported for this index"
+            self._selector_ok = False
+            return None
+
+    def _flat(
+        self, dim: int, queries: np.ndarray, n: int, match: Match | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-n at ``dim`` over every row (or the rows ``match`` holds): from the cached tier,
+        or streamed from Lance."""
         tier = self._tier(dim)
+        if tier is not None and match is not None:
+            best_s = np.full((len(queries), n), -np.inf, dtype=np.float32)
+            best_i = np.full((len(queries), n), -1, dtype=np.int64)
+            for lo in range(0, len(match), BLOCK_ROWS):
+                s, i = exact_search(queries, tier[match.positions[lo : lo + BLOCK_ROWS]], n)
+                ids = np.where(i >= 0, match.ids[lo:][np.maximum(i, 0)], -1)
+                best_s, best_i = merge_top_k(best_s, best_i, s, ids, n)
+            return best_s, best_i
         if tier is not None:
             self._positions(np.zeros(0, dtype=np.int64))
             scores, positions = exact_search(queries, tier, n)
@@ -337,15 +469,14 @@ class Corpus:
         best_s = np.full((len(queries), n), -np.inf, dtype=np.float32)
         best_i = np.full((len(queries), n), -1, dtype=np.int64)
         column = emb_column(dim)
-        for batch in self.dataset.to_batches(columns=["id", column], batch_size=1 << 16):
-            vectors = np.ascontiguousarray(column_to_numpy(batch.column(1), dim), dtype=np.float32)
-            s, i = faiss.knn(queries, vectors, min(n, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+        where = None if match is None else match.where
+        for batch in self.dataset.to_batches(columns=["id", column], filter=where, batch_size=1 << 16):
+            if not batch.num_rows:  # a filtered scan may yield empty batches
+                continue
+            s, i = exact_search(queries, column_to_numpy(batch.column(1), dim), n)  # as the cached path
             ids = batch.column(0).to_numpy()
             best_s, best_i = merge_top_k(best_s, best_i, s, np.where(i >= 0, ids[np.maximum(i, 0)], -1), n)
         return best_s, best_i
-
-    def _exact(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._flat(self.full_dim, queries, k)
 
     # ------------------------------------------------------------------ results
 

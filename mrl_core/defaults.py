@@ -39,6 +39,9 @@ RECALL_QUERIES = 500
 GROWTH_FACTOR = 2.0
 """Re-index retrains tier 0 once the corpus exceeds this multiple of the rows it was trained on."""
 
+MAX_REMOVE_FRACTION = 0.1
+"""A re-index refuses to remove more than this share of the rows in one run (shards gone)."""
+
 CACHE_BYTES = 2 << 30
 """``Corpus`` holds re-rank tiers in memory while their total stays under this (2 GiB)."""
 

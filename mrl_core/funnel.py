@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mrl_core.defaults import K
-from mrl_core.search import top_k
+from mrl_core.search import search_threads, threads_for, top_k
 
 PAPER_SHORTLISTS = {16: 200, 32: 100, 64: 50, 128: 25, 256: 10}
 """The MRL paper's funnel (Kusupati et al. 2022): shortlist kept after searching with each dim."""
@@ -194,11 +194,12 @@ def score_candidates(queries: np.ndarray, keys: np.ndarray, dim: int, fetch: Fet
     q_count, n = keys.shape
     out = np.empty((q_count, n), dtype=np.float32)
     step = max(1, GATHER_ROWS // max(n, 1))
-    for start in range(0, q_count, step):
-        chunk = keys[start : start + step]
-        vecs = fetch(dim, chunk.reshape(-1)).reshape(len(chunk), n, dim)
-        q = np.ascontiguousarray(queries[start : start + step, :dim], dtype=np.float32)
-        out[start : start + step] = np.einsum("qnd,qd->qn", vecs, q)
+    with search_threads(threads_for(q_count * n * dim)):  # no threads for a tiny re-rank
+        for start in range(0, q_count, step):
+            chunk = keys[start : start + step]
+            vecs = fetch(dim, chunk.reshape(-1)).reshape(len(chunk), n, dim)
+            q = np.ascontiguousarray(queries[start : start + step, :dim], dtype=np.float32)
+            out[start : start + step] = np.einsum("qnd,qd->qn", vecs, q)
     np.nan_to_num(out, copy=False, nan=-np.inf)
     out[keys < 0] = -np.inf
     return out

@@ -482,8 +482,19 @@ def _verify_calibration(c: CalibrationOptions, dims: Sequence[int], rows: int) -
         raise ValueError(f"target recall must be in (0, 1], got {c.target_recall}")
     if c.tier0_dim is not None and c.tier0_dim not in dims:
         raise ValueError(f"tier-0 dim {c.tier0_dim} is not a stored dim {list(dims)}")
-    if c.k > rows:
-        raise ValueError(f"k={c.k} is larger than the corpus ({rows} rows)")
+    if c.k < 1:
+        raise ValueError(f"k must be >= 1, got {c.k}")
+
+
+def fit_to_rows(c: CalibrationOptions, rows: int) -> CalibrationOptions:
+    """``c`` for a corpus of ``rows`` rows: calibration leaves each query's own row out, so k is
+    capped at ``rows - 1``; a single row has nothing to calibrate against (no queries)."""
+    if rows <= 1:
+        return replace(c, k=1, calibration_queries=0)
+    if c.k > rows - 1:
+        logger.info(f"k={c.k} capped at {rows - 1}: the corpus has {rows} rows")
+        return replace(c, k=rows - 1)
+    return c
 
 
 def fixed_schedule(funnel: str | FunnelSchedule, dims: Sequence[int]) -> FunnelSchedule:
@@ -541,6 +552,9 @@ def build_index(
     ds = open_dataset(dataset_uri, storage_options)
     info, dims, rows = _verify_dataset(ds, dataset_uri)
     _verify_calibration(calibration, dims, rows)
+    calibration = fit_to_rows(calibration, rows)
+    if rows == 1:  # nothing to calibrate against: one exact full-dim step
+        funnel = FunnelSchedule((max(dims),), ())
     ngpu = gpu_count(options.gpu)
     logger.info(f"dataset {dataset_uri}: version {ds.version}, {rows:,} rows, stored dims {dims}, "
                 f"encoder {info.encoder}")

@@ -3,11 +3,13 @@
 Artifacts live beside the dataset (any fsspec URL), one immutable directory per version::
 
     <dataset>.indexes/CURRENT            the current version's name, replaced atomically
+    <dataset>.indexes/v000001/CLAIM      created exclusively first: this version is taken
     <dataset>.indexes/v000001/tier0.faiss
     <dataset>.indexes/v000001/manifest.json
 
 A reader reads ``CURRENT`` once, then only that immutable directory, so it never sees a mix of
-two versions. One writer at a time per index URI. Building an index is ``mrl_core.index``.
+two versions. Writers claim a version number with an exclusive create, so concurrent builds
+never share or overwrite one. Building an index is ``mrl_core.index``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,12 +34,19 @@ from mrl_core.funnel import FunnelSchedule
 FORMAT = 1
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
+CLAIM = "CLAIM"
+"""Created first, exclusively, in each version directory: whoever creates it owns the version."""
 TIER0_FILE = "tier0.faiss"
 _VERSION_RE = re.compile(r"^v\d{6}$")
 
 
 class IndexNotFoundError(FileNotFoundError):
     """No index has been published for a dataset (run ``pipelines/index.py``)."""
+
+
+class IndexDamagedError(ValueError):
+    """An index version whose files are missing, truncated, unverifiable or point elsewhere: the
+    message names the file and the command that rebuilds it."""
 
 
 class IndexMismatchError(RuntimeError):
@@ -104,18 +115,24 @@ def _verify_version(version: str) -> str:
     return version
 
 
+def _rebuild_hint(index_uri: str) -> str:
+    dataset = index_uri[: -len(".indexes")] if index_uri.endswith(".indexes") else "<dataset uri>"
+    return f"rebuild it: python pipelines/index.py --dataset {dataset}"
+
+
 def read_current(index_uri: str, storage_options: Mapping[str, str] | None = None) -> str:
     """The current version's name, from ``CURRENT``."""
     url = objectstore.join(index_uri, CURRENT)
     try:
-        name = objectstore.read_bytes(url, storage_options).decode().strip()
+        name = objectstore.read_bytes(url, storage_options).decode(errors="replace").strip()
     except FileNotFoundError as exc:
         raise IndexNotFoundError(
             f"no index at {index_uri} (no {CURRENT} file); build one with: "
             f"python pipelines/index.py --dataset <dataset uri>"
         ) from exc
     if not _VERSION_RE.match(name):
-        raise ValueError(f"{url} names {name!r}, not an index version (vNNNNNN)")
+        raise IndexDamagedError(f"{url} names {name[:40]!r}, not an index version (vNNNNNN): the index is "
+                                f"damaged; {_rebuild_hint(index_uri)}")
     return name
 
 
@@ -129,12 +146,44 @@ def read_manifest(
     index_uri: str, version: str | None = None, storage_options: Mapping[str, str] | None = None
 ) -> IndexManifest:
     """The manifest of ``version`` (default: the current one)."""
+    current = version is None
     version = version or read_current(index_uri, storage_options)
     url = objectstore.join(index_uri, version, MANIFEST)
     try:
-        return IndexManifest.from_json(objectstore.read_bytes(url, storage_options).decode())
+        manifest = IndexManifest.from_json(objectstore.read_bytes(url, storage_options).decode())
     except FileNotFoundError as exc:
-        raise IndexNotFoundError(f"index version {version} has no manifest at {url}") from exc
+        named = f"{CURRENT} names {version}, but it" if current else f"index version {version}"
+        raise IndexDamagedError(f"{named} has no manifest ({url} is missing): the index is damaged; "
+                                f"{_rebuild_hint(index_uri)}") from exc
+    except (ValueError, TypeError, KeyError) as exc:  # truncated or foreign JSON
+        raise IndexDamagedError(f"cannot read the index manifest {url} ({type(exc).__name__}: {exc}): "
+                                f"the index is damaged; {_rebuild_hint(index_uri)}") from exc
+    _verify_manifest(manifest, url, index_uri)
+    return manifest
+
+
+def _verify_manifest(manifest: IndexManifest, url: str, index_uri: str) -> None:
+    """A manifest names a tier-0 file inside its own version directory, with a checksum."""
+    name = manifest.tier0_file
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise IndexDamagedError(f"{url} names the tier-0 file {name!r}, which is not a file of its own version "
+                                f"directory: refusing it; {_rebuild_hint(index_uri)}")
+    if not re.fullmatch(r"[0-9a-f]{64}", manifest.tier0_sha256 or ""):
+        raise IndexDamagedError(f"{url} records no valid checksum of {name}: refusing an unverifiable index; "
+                                f"{_rebuild_hint(index_uri)}")
+
+
+def index_is_intact(index_uri: str, storage_options: Mapping[str, str] | None = None) -> bool:
+    """Whether the current version looks complete without reading the index itself: its manifest
+    reads and is valid, and its tier-0 file exists at the recorded size. Raises
+    ``IndexNotFoundError`` when there is no index at all."""
+    try:
+        manifest = read_manifest(index_uri, None, storage_options)
+        url = objectstore.join(index_uri, manifest.version, manifest.tier0_file)
+        fs, path = objectstore.url_to_fs(url, storage_options)
+        return int(fs.size(path)) == manifest.index_bytes
+    except (IndexDamagedError, FileNotFoundError):
+        return False
 
 
 def load_index(
@@ -143,9 +192,14 @@ def load_index(
     """(CPU FAISS index, manifest) of ``version`` (default: ``CURRENT``), checksum verified."""
     manifest = read_manifest(index_uri, version, storage_options)
     url = objectstore.join(index_uri, manifest.version, manifest.tier0_file)
-    data = objectstore.read_bytes(url, storage_options)
-    if manifest.tier0_sha256 and hashlib.sha256(data).hexdigest() != manifest.tier0_sha256:
-        raise ValueError(f"{url} does not match its manifest's checksum: a partial or foreign file")
+    try:
+        data = objectstore.read_bytes(url, storage_options)
+    except FileNotFoundError as exc:
+        raise IndexDamagedError(f"the tier-0 file {url} of index {manifest.version} is missing: the index is "
+                                f"damaged; {_rebuild_hint(index_uri)}") from exc
+    if hashlib.sha256(data).hexdigest() != manifest.tier0_sha256:
+        raise IndexDamagedError(f"{url} does not match its manifest's checksum (a partial or foreign file): "
+                                f"the index is damaged; {_rebuild_hint(index_uri)}")
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), manifest
 
 
@@ -181,17 +235,42 @@ def publish(
 ) -> IndexManifest:
     """Write ``index`` and its manifest as the next version directory, then swap ``CURRENT``.
 
-    Fills in the manifest's version, size and checksum. One writer at a time per index URI.
+    Fills in the manifest's version, size and checksum. The version number is claimed first
+    (``claim_version``: an exclusive create), so of concurrent builds each gets its own version
+    and none overwrites another's files.
     """
-    existing = list_versions(index_uri, storage_options)
-    manifest.version = f"v{int(existing[-1][1:]) + 1 if existing else 1:06d}"
+    manifest.version = claim_version(index_uri, storage_options)
     target = objectstore.join(index_uri, manifest.version)
     _write_tier0(index, manifest, objectstore.join(target, manifest.tier0_file), storage_options)
     manifest_url = objectstore.join(target, MANIFEST)
     objectstore.write_bytes(manifest_url, manifest.to_json().encode(), storage_options)
-    if make_current:
+    if make_current and not _newer_is_current(index_uri, manifest.version, storage_options):
         set_current(index_uri, manifest.version, storage_options)
     return manifest
+
+
+def _newer_is_current(index_uri: str, version: str, storage_options: Mapping[str, str] | None) -> bool:
+    """Whether a concurrent build already made a later, intact version current (then it stays)."""
+    try:
+        current = read_current(index_uri, storage_options)
+        return current > version and read_manifest(index_uri, current, storage_options) is not None
+    except (IndexNotFoundError, ValueError):
+        return False
+
+
+def claim_version(index_uri: str, storage_options: Mapping[str, str] | None = None,
+                  attempts: int = 100) -> str:
+    """The next version name, claimed for this writer: ``vNNNNNN/CLAIM`` created exclusively
+    (``objectstore.create_new``). A writer that loses the race moves on to the number after."""
+    existing = list_versions(index_uri, storage_options)
+    number = int(existing[-1][1:]) + 1 if existing else 1
+    token = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}\n".encode()
+    for _ in range(attempts):
+        version = f"v{number:06d}"
+        if objectstore.create_new(objectstore.join(index_uri, version, CLAIM), token, storage_options):
+            return version
+        number += 1
+    raise RuntimeError(f"could not claim an index version under {index_uri} after {attempts} tries")
 
 
 def prune_versions(

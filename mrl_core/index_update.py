@@ -1,15 +1,20 @@
 """Keep a published tier-0 index in step with its dataset without rebuilding it every time.
 
-``update_index`` loads the current index version, removes the ids of deleted rows, adds the
-rows of new shards, checks recall@k on a sample of the corpus's own rows against exact search,
-and publishes the result as a new version. It retrains from scratch (``build_index``) when
-there is no index yet, the encoder changed, the corpus grew past ``growth_factor`` times the
-rows the index was trained on, or the measured recall fell below ``min_recall``.
+``update_index`` loads the current index version and reconciles it with the dataset itself, not
+with what some run remembers: ``dataset_changes`` compares the dataset version the index was
+built on with the latest one, fragment by fragment, so every row deleted or rewritten since
+(a replaced shard, a removed one, a compaction, a run that failed half-way) leaves the index and
+every row added or rewritten since enters it. Then it checks recall@k on a sample of the
+corpus's own rows against exact search and publishes a new version. It retrains from scratch
+(``build_index``) when there is no index yet, the current one is damaged or its dataset version
+is gone, the encoder changed, the corpus grew past ``growth_factor`` times the rows the index was
+trained on, or the measured recall fell below ``min_recall``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +28,7 @@ import numpy as np
 from mrl_core.defaults import CALIBRATION_ROWS, GROWTH_FACTOR, MIN_RECALL, RECALL_QUERIES, K
 from mrl_core.index import CalibrationOptions, build_index, measure_recall
 from mrl_core.index_store import (
+    IndexDamagedError,
     IndexManifest,
     IndexNotFoundError,
     default_index_uri,
@@ -37,7 +43,6 @@ from mrl_core.storage import (
     open_dataset,
     read_info,
     rows_signature,
-    sql_string_list,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,19 +62,54 @@ class IndexUpdate:
     recall: float | None = None
 
 
-def ids_of_shards(ds: lance.LanceDataset, shards: Sequence[str]) -> np.ndarray:
-    """The ids of every row of ``shards`` in this dataset version."""
-    if not shards:
-        return np.empty(0, dtype=np.int64)
-    table = ds.to_table(columns=["id"], filter=f"shard IN ({sql_string_list(shards)})")
-    return table["id"].to_numpy().astype(np.int64)
+@dataclasses.dataclass
+class DatasetChanges:
+    """Rows to take out of an index (``removed`` ids) and fragments whose rows to put in
+    (``added``: fragment ids of the newer version), between two versions of a dataset."""
+
+    removed: np.ndarray
+    added: list[int]
+
+
+def dataset_changes(old: lance.LanceDataset, new: lance.LanceDataset) -> DatasetChanges:
+    """What changed in the rows from dataset version ``old`` to ``new``, fragment by fragment.
+
+    A fragment only in ``old`` lost all its rows; one only in ``new`` brings all of its own; one in
+    both with other data files was rewritten (all out, all in); one in both with another deletion
+    file lost the rows deleted since. Only id columns are read.
+    """
+    before = {f.fragment_id: f for f in old.get_fragments()}
+    after = {f.fragment_id: f for f in new.get_fragments()}
+    removed: list[np.ndarray] = []
+    added: list[int] = []
+    for fid, fragment in before.items():
+        now = after.get(fid)
+        if now is None or _files(now) != _files(fragment):
+            removed.append(_ids(fragment))
+            if now is not None:
+                added.append(fid)
+        elif _deletions(now) != _deletions(fragment):
+            removed.append(np.setdiff1d(_ids(fragment), _ids(now)))
+    added += sorted(fid for fid in after if fid not in before)
+    ids = np.concatenate(removed) if removed else np.empty(0, dtype=np.int64)
+    return DatasetChanges(ids.astype(np.int64), added)
+
+
+def _files(fragment: lance.LanceFragment) -> list[str]:
+    return sorted(f.path for f in fragment.metadata.files)
+
+
+def _deletions(fragment: lance.LanceFragment) -> str:
+    return json.dumps(fragment.metadata.to_json().get("deletion_file"), sort_keys=True)
+
+
+def _ids(fragment: lance.LanceFragment) -> np.ndarray:
+    return fragment.to_table(columns=["id"])["id"].to_numpy().astype(np.int64)
 
 
 def update_index(
     dataset_uri: str,
     *,
-    removed_ids: np.ndarray,
-    added_shards: Sequence[str],
     index_uri: str | None = None,
     storage_options: Mapping[str, str] | None = None,
     growth_factor: float = GROWTH_FACTOR,
@@ -97,6 +137,8 @@ def update_index(
 
     try:
         index, manifest = load_index(index_uri, None, storage_options)
+    except IndexDamagedError as exc:
+        return rebuild("retrained", f"the current index version is damaged ({exc})")
     except IndexNotFoundError:
         return rebuild("built", "no index yet")
     trained_rows = int(manifest.params.get("trained_at_rows", manifest.rows))
@@ -106,10 +148,16 @@ def update_index(
         return rebuild("retrained", f"the corpus grew from {trained_rows:,} to {rows:,} rows "
                                     f"(> {growth_factor:g}x since training)")
 
-    removed_ids = np.asarray(removed_ids, dtype=np.int64)
+    try:
+        built_on = open_dataset(dataset_uri, storage_options, version=manifest.dataset_version)
+    except (ValueError, OSError):
+        return rebuild("retrained", f"dataset version {manifest.dataset_version}, which the index was built on, "
+                                    f"is gone: its changes since cannot be told")
+    changes = dataset_changes(built_on, ds)
+    removed_ids = changes.removed
     if len(removed_ids):
         index.remove_ids(faiss.IDSelectorBatch(removed_ids))
-    added = _add_shards(index, ds, manifest, added_shards)
+    added = _add_fragments(index, ds, manifest, changes.added)
     if index.ntotal != rows:
         return rebuild("retrained",
                        f"the index would hold {index.ntotal:,} vectors for {rows:,} rows")
@@ -144,19 +192,18 @@ def update_index(
     return IndexUpdate(updated, "added", "incremental", added, int(len(removed_ids)), recall)
 
 
-def _add_shards(
-    index: faiss.Index, ds: lance.LanceDataset, manifest: IndexManifest, shards: Sequence[str]
-) -> int:
-    """Add the rows of ``shards`` to ``index`` (tier 0 of ``manifest``); return how many."""
-    if not shards:
-        return 0
-    table = ds.to_table(columns=["id", manifest.column],
-                        filter=f"shard IN ({sql_string_list(shards)})")
-    if table.num_rows:
-        vectors = column_to_numpy(table[manifest.column], manifest.dim)
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                           table["id"].to_numpy().astype(np.int64))
-    return table.num_rows
+def _add_fragments(index: faiss.Index, ds: lance.LanceDataset, manifest: IndexManifest,
+                   fragments: Sequence[int]) -> int:
+    """Add the live rows of ``fragments`` to ``index`` (tier 0 of ``manifest``); return how many."""
+    added = 0
+    for fid in fragments:
+        table = ds.get_fragment(fid).to_table(columns=["id", manifest.column])
+        if table.num_rows:
+            vectors = column_to_numpy(table[manifest.column], manifest.dim)
+            index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                               table["id"].to_numpy().astype(np.int64))
+            added += table.num_rows
+    return added
 
 
 def sync_version_tags(dataset_uri: str, index_uri: str | None = None,

@@ -1,16 +1,20 @@
 """Exactly-once commits of embedded shards into a Lance dataset.
 
-Workers write uncommitted Lance fragments and report, per shard, which record positions each
-fragment holds. The driver feeds those reports to a ``CommitLog``, which
+Workers write uncommitted Lance fragments, each holding rows of one shard, and report which
+record positions they hold. The driver feeds those reports to a ``CommitLog``, which
 
-* drops a fragment that repeats positions already accepted (a retried task's second output),
+* drops a report that repeats positions already accepted (a retried task's second output),
 * knows a shard is complete once every record position is written or skipped, and
-* commits: one Lance ``Append`` of the accepted fragments, then the ledger entries
-  (``mrl.shard/<uri>``) of the shards completed by it.
+* commits complete shards only: one Lance commit that adds their fragments and, where the
+  dataset already holds rows of those shards (a changed shard re-embedded, or rows a crashed run
+  committed without their ledger entry), deletes those rows in the same commit (an ``Update``);
+  then the ledger entries (``mrl.shard/<uri>``: rows, skipped records, source version, the key
+  its ids derive from) of the shards it completed.
 
-Rows of a shard whose ledger entry is missing (a crash between the two commits, or a shard
-still in flight) are deleted before that shard is embedded again, so a re-run never loses
-or duplicates a row.
+A shard's rows therefore change in one atomic step, from exactly the old rows to exactly the new
+ones, never neither and never both. A crash between the data commit and the ledger commit leaves
+a shard whose ledger entry is missing or stale: the next run embeds it again and replaces it.
+A failed shard's fragments are never committed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +30,7 @@ import lance
 import numpy as np
 from lance.fragment import FragmentMetadata
 
-from mrl_core.storage import delete_shards, ledger_updates, read_ledger
+from mrl_core.storage import ledger_updates, sql_string_list
 
 
 def encode_positions(positions: np.ndarray) -> str:
@@ -40,7 +45,7 @@ def decode_positions(text: str) -> np.ndarray:
 
 @dataclass
 class ShardProgress:
-    """What has been accepted of one shard so far."""
+    """What has been accepted of one shard so far, and its fragments waiting for the commit."""
 
     total: int
     version: str = ""
@@ -48,6 +53,8 @@ class ShardProgress:
     written: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
     error: str | None = None
+    fragments: list[FragmentMetadata] = field(default_factory=list)
+    reported: bool = False  # handed to a commit already
 
     def __post_init__(self) -> None:
         if self.seen is None:
@@ -61,15 +68,20 @@ class ShardProgress:
 
 @dataclass
 class CommitLog:
-    """Accepts write reports, detects duplicates, and commits fragments + ledger entries."""
+    """Accepts write reports, detects duplicates, and commits complete shards with their ledger
+    entries. ``keys``: each shard's id key (recorded in its entry); ``existing``: {shard: ids of
+    the fragments that hold rows of it now}, for shards whose old rows each commit replaces."""
 
     uri: str
     storage_options: dict[str, str] | None = None
+    guard: Callable[[], None] | None = None  # called before every commit (the writer lease's check)
+    keys: dict[str, int] = field(default_factory=dict)
+    existing: dict[str, set[int]] = field(default_factory=dict)
     shards: dict[str, ShardProgress] = field(default_factory=dict)
-    pending: list[FragmentMetadata] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
     duplicates_dropped: int = 0
     rows_committed: int = 0
+    rows_replaced: int = 0
     commits: int = 0
 
     def expect(self, shard: str, total: int, version: str = "") -> ShardProgress:
@@ -81,8 +93,8 @@ class CommitLog:
     def accept(self, report: dict[str, Any]) -> bool:
         """Take one write report; False (and nothing kept) when it repeats accepted positions.
 
-        A report is ``{"fragments": [fragment json...], "shards": {uri: {"total", "version",
-        "positions", "skipped", "error"}}}`` as produced by the embed pipeline's write stage.
+        A report is ``{"shards": {uri: {"total", "version", "positions", "skipped", "error",
+        "fragments": [fragment json...]}}}`` as produced by the embed pipeline's write stage.
         """
         parsed = {}
         for uri, info in report["shards"].items():
@@ -93,45 +105,67 @@ class CommitLog:
             if len(all_pos) and (all_pos.max() >= progress.total or progress.seen[all_pos].any()):
                 self.duplicates_dropped += 1
                 return False
-            parsed[uri] = (progress, all_pos, positions, skipped, info.get("error"))
-        for uri, (progress, all_pos, positions, skipped, error) in parsed.items():
-            was_done = progress.done
+            parsed[uri] = (progress, all_pos, positions, skipped, info)
+        for uri, (progress, all_pos, positions, skipped, info) in parsed.items():
             progress.seen[all_pos] = True
             progress.written += len(positions)
             progress.skipped.extend(skipped)
-            progress.error = progress.error or error
-            if progress.done and not was_done:
+            progress.error = progress.error or info.get("error")
+            progress.fragments.extend(FragmentMetadata.from_json(json.dumps(f)) for f in info.get("fragments", []))
+            if progress.done and not progress.reported:
+                progress.reported = True
                 self.completed.append(uri)
-        self.pending.extend(FragmentMetadata.from_json(json.dumps(f)) for f in report["fragments"])
         return True
 
     def commit(self) -> int:
-        """Append the pending fragments, then record the shards they completed; rows committed."""
-        if not self.pending and not self.completed:
+        """Commit the shards completed since the last commit (see the module docstring); rows
+        committed. Failed shards are dropped with their fragments."""
+        done = [u for u in self.completed if self.shards[u].error is None]
+        self.completed = []
+        if not done:
             return 0
-        rows = sum(f.num_rows for f in self.pending)
+        if self.guard is not None:
+            self.guard()
+        fragments = [f for u in done for f in self.shards[u].fragments]
+        rows = sum(f.num_rows for f in fragments)
         ds = lance.dataset(self.uri, storage_options=self.storage_options)
-        if self.pending:  # appends commute, so any recent read version will do
-            ds = lance.LanceDataset.commit(
-                ds, lance.LanceOperation.Append(self.pending), read_version=ds.version,
-                storage_options=self.storage_options,
-            )
-        entries = {}
-        for uri in self.completed:
-            p = self.shards[uri]
-            if p.error is None:
-                entries[uri] = {
-                    "rows": p.written,
-                    "skipped": len(p.skipped),
-                    "version": p.version,
-                    "committed_at": time.time(),
-                }
-        if entries:
-            ds.update_config(ledger_updates(entries))
-        self.pending, self.completed = [], []
+        replaced = {u: self.existing.pop(u) for u in done if self.existing.get(u)}
+        if replaced:
+            ds = self._replace(ds, replaced, fragments)
+        elif fragments:  # appends commute, so any recent read version will do
+            ds = lance.LanceDataset.commit(ds, lance.LanceOperation.Append(fragments), read_version=ds.version,
+                                           storage_options=self.storage_options)
+        entries = {u: self._entry(u) for u in done}
+        ds.update_config(ledger_updates(entries))
+        for u in done:
+            self.shards[u].fragments = []
         self.rows_committed += rows
         self.commits += 1
         return rows
+
+    def _replace(self, ds: lance.LanceDataset, replaced: dict[str, set[int]],
+                 fragments: list[FragmentMetadata]) -> lance.LanceDataset:
+        """One ``Update`` commit: the rows of ``replaced`` shards deleted, ``fragments`` added."""
+        predicate = f"shard IN ({sql_string_list(replaced)})"
+        removed, updated = [], []
+        for fid in sorted(set().union(*replaced.values())):
+            fragment = ds.get_fragment(fid)
+            if fragment is None:
+                continue
+            self.rows_replaced += fragment.count_rows(predicate)
+            after = fragment.delete(predicate)
+            if after is None:
+                removed.append(fid)
+            else:
+                updated.append(after)
+        op = lance.LanceOperation.Update(removed_fragment_ids=removed, updated_fragments=updated,
+                                         new_fragments=fragments)
+        return lance.LanceDataset.commit(ds, op, read_version=ds.version, storage_options=self.storage_options)
+
+    def _entry(self, uri: str) -> dict[str, Any]:
+        p = self.shards[uri]
+        return {"rows": p.written, "skipped": len(p.skipped), "version": p.version,
+                "key": self.keys.get(uri), "committed_at": time.time()}
 
     @property
     def completed_count(self) -> int:
@@ -139,7 +173,14 @@ class CommitLog:
         return len(self.completed)
 
 
-def clear_uncommitted(ds: lance.LanceDataset, shards: list[str]) -> int:
-    """Delete rows of shards that have no ledger entry (left by a crashed run); rows deleted."""
-    ledger = read_ledger(ds)
-    return delete_shards(ds, [s for s in shards if s not in ledger])
+def locate_rows(ds: lance.LanceDataset, shards: list[str], batch: int = 512) -> dict[str, set[int]]:
+    """{shard: ids of the fragments holding rows of it} for those of ``shards`` with rows in ``ds``
+    (one scan of the shard column)."""
+    found: dict[str, set[int]] = {}
+    for lo in range(0, len(shards), batch):
+        chunk = shards[lo : lo + batch]
+        table = ds.to_table(columns=["shard"], filter=f"shard IN ({sql_string_list(chunk)})", with_row_address=True)
+        addresses = table["_rowaddr"].to_numpy() >> np.uint64(32)
+        for shard, fragment in zip(table["shard"].to_pylist(), addresses.tolist()):
+            found.setdefault(shard, set()).add(int(fragment))
+    return found

@@ -75,10 +75,16 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
     s3fs's ``client_kwargs.endpoint_url``/``key``/``secret``/``client_kwargs.region_name``;
     Lance's ``timeout``/``connect_timeout`` (``"30s"``, ``"500ms"``) and ``client_max_retries``
     become botocore's ``read_timeout``/``connect_timeout`` and retry attempts; ``allow_http`` and
-    other Lance-only keys are dropped (s3fs follows the endpoint's scheme). Other keys pass through.
+    other Lance-only keys are dropped (s3fs follows the endpoint's scheme). GCS (gcsfs) and Azure
+    (adlfs): ``_gcs_options``, ``_azure_options``. Other keys pass through.
     """
     options = dict(storage_options or {})
-    if protocol_of(url) not in ("s3", "s3a"):
+    protocol = protocol_of(url)
+    if protocol in ("gs", "gcs"):
+        return _gcs_options(options)
+    if protocol in ("az", "abfs", "abfss", "adl"):
+        return _azure_options(options)
+    if protocol not in ("s3", "s3a"):
         return options
     out: dict[str, Any] = {}
     client_kwargs = dict(options.pop("client_kwargs", {}) or {})
@@ -105,6 +111,88 @@ def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[
         out["client_kwargs"] = client_kwargs
     if config_kwargs:
         out["config_kwargs"] = config_kwargs
+    return out
+
+
+# Lance (object_store) Google option -> gcsfs argument.
+_GCS_TOKEN_PATHS = {"google_service_account", "service_account", "google_service_account_path",
+                    "service_account_path", "google_application_credentials"}
+_GCS_TOKEN_KEYS = {"google_service_account_key", "service_account_key"}
+_GCS_DROPPED = {"google_bucket", "google_bucket_name", "bucket", "bucket_name", "allow_http",
+                "client_max_retries", "client_retry_timeout", "connect_timeout", "download_retry_count"}
+
+# Lance (object_store) Azure option -> adlfs argument.
+_AZURE_KEYS = {
+    **dict.fromkeys(("azure_storage_account_name", "account_name"), "account_name"),
+    **dict.fromkeys(("azure_storage_account_key", "azure_storage_access_key", "azure_storage_master_key",
+                     "access_key", "account_key", "master_key"), "account_key"),
+    **dict.fromkeys(("azure_storage_sas_key", "azure_storage_sas_token", "sas_key", "sas_token"), "sas_token"),
+    **dict.fromkeys(("azure_storage_client_id", "azure_client_id", "client_id"), "client_id"),
+    **dict.fromkeys(("azure_storage_client_secret", "azure_client_secret", "client_secret"), "client_secret"),
+    **dict.fromkeys(("azure_storage_tenant_id", "azure_storage_authority_id", "azure_tenant_id",
+                     "azure_authority_id", "tenant_id", "authority_id"), "tenant_id"),
+}
+_AZURE_ENDPOINTS = {"azure_storage_endpoint", "azure_endpoint", "endpoint"}
+_AZURE_DROPPED = {"allow_http", "azure_storage_use_emulator", "object_store_use_emulator", "use_emulator",
+                  "client_max_retries", "client_retry_timeout", "download_retry_count", "azure_container_name",
+                  "container_name"}
+
+
+def _gcs_options(options: dict[str, Any]) -> dict[str, Any]:
+    """gcsfs arguments from Lance's Google names: a service-account file or key becomes ``token``
+    (a path, or the parsed JSON key), ``google_skip_signature`` ``token="anon"``, ``timeout``
+    ``requests_timeout`` (seconds); the bucket name and Lance-only keys are dropped."""
+    import json
+
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        lower = key.lower()
+        if lower in _GCS_DROPPED:
+            continue
+        if lower in _GCS_TOKEN_PATHS:
+            out["token"] = value
+        elif lower in _GCS_TOKEN_KEYS:
+            out["token"] = json.loads(value) if isinstance(value, str) else value
+        elif lower in ("google_skip_signature", "skip_signature"):
+            if str(value).lower() == "true":
+                out["token"] = "anon"
+        elif lower in ("timeout", "request_timeout"):
+            out["requests_timeout"] = parse_seconds(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _azure_options(options: dict[str, Any]) -> dict[str, Any]:
+    """adlfs arguments from Lance's Azure names: account name and key, SAS token, service principal
+    (client id, secret, tenant); an https endpoint becomes ``account_host``, an http one (Azurite)
+    a ``connection_string``; ``azure_skip_signature`` ``anon``; timeouts the Azure SDK's
+    ``read_timeout``/``connection_timeout`` (seconds); Lance-only keys are dropped."""
+    out: dict[str, Any] = {}
+    endpoint = None
+    for key, value in options.items():
+        lower = key.lower()
+        if lower in _AZURE_DROPPED:
+            continue
+        if lower in _AZURE_KEYS:
+            out[_AZURE_KEYS[lower]] = value
+        elif lower in _AZURE_ENDPOINTS:
+            endpoint = str(value).rstrip("/")
+        elif lower in ("azure_skip_signature", "skip_signature"):
+            out["anon"] = str(value).lower() == "true"
+        elif lower in ("timeout", "request_timeout"):
+            out["read_timeout"] = parse_seconds(value)
+        elif lower == "connect_timeout":
+            out["connection_timeout"] = parse_seconds(value)
+        else:
+            out[key] = value
+    if endpoint and endpoint.startswith("https://"):
+        out["account_host"] = endpoint[len("https://"):]
+    elif endpoint:
+        out["connection_string"] = (
+            f"DefaultEndpointsProtocol={endpoint.split('://')[0]};AccountName={out.get('account_name', '')};"
+            f"AccountKey={out.pop('account_key', '')};BlobEndpoint={endpoint};"
+        )
     return out
 
 
@@ -205,6 +293,29 @@ def write_bytes(url: str, data: bytes, storage_options: Mapping[str, Any] | None
         _write_local_atomic(fs, path, lambda f: f.write(data))
         return
     retrying(url, lambda: fs.pipe_file(path, data))
+
+
+def create_new(url: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Create ``url`` holding ``data`` only if nothing is there yet: True when this call made it,
+    False when it was there already (another writer's).
+
+    One exclusive create: ``O_EXCL`` locally, a conditional PUT (``If-None-Match: *``) on S3 and
+    stores that support it, so of two writers racing for one name exactly one wins. A retried
+    create whose first attempt succeeded unseen finds its own bytes there, and counts as made.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+
+    def create() -> None:
+        with fs.open(path, "xb") as f:
+            f.write(data)
+
+    try:
+        retrying(url, create, _attempts(fs))
+        return True
+    except FileExistsError:
+        return read_bytes(url, storage_options) == data
 
 
 def put_file(local_path: str, url: str, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -1,21 +1,71 @@
-"""Exact inner-product top-k over blocks, and recall@k counting ties: the leaf that evaluation,
-the funnel, calibration and ``Corpus`` all search with.
+"""Exact inner-product top-k over blocks, recall@k counting ties, and the thread count a search
+runs on: the leaf that evaluation, the funnel, calibration and ``Corpus`` all search with.
 
 ``exact_search`` is a matrix product plus a top-k per block of corpus rows (as FAISS's
 ``contrib/exhaustive_search.knn_ground_truth`` does), so memory stays bounded by the block and
-the speed is the machine's GEMM speed at every batch size.
+the speed is the machine's GEMM speed at every batch size. A float16 (or read-only) corpus is
+converted to float32 a cache-sized chunk at a time when few queries share the conversion.
+``search_threads`` runs small searches on one thread: starting threads costs more than they save
+on them (``benchmarks/exact_kernels.py`` measures where).
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 import numpy as np
 import torch
+
+try:  # FAISS's OpenMP threads are set alongside torch's when FAISS is there
+    import faiss
+except ImportError:  # pragma: no cover - exact search itself needs only torch
+    faiss = None
 
 BLOCK_ROWS = 1 << 16
 """Corpus rows scored per block (converted to float32 a block at a time)."""
 
-MAX_BLOCK_SCORES = 1 << 26
-"""Scores held at once (queries x block rows): 256 MiB of float32."""
+MAX_BLOCK_SCORES = 1 << 24
+"""Scores held at once (queries x block rows): 64 MiB of float32."""
+
+CONVERT_ROWS = 1 << 12
+"""Rows of a float16 (or read-only) corpus converted at a time when few queries share the
+conversion: 4 MiB of float32 at 256 dims, read back from cache by the matrix product."""
+
+FEW_QUERIES = 64
+"""Up to this many queries per call a float16 corpus is converted chunk by chunk (above it the
+conversion of a whole block is shared by enough queries to be negligible)."""
+
+SERIAL_WORK = 1 << 23
+"""Multiply-adds (queries x rows x dims) below which a search runs on one thread."""
+
+ALL_THREADS = max(1, torch.get_num_threads())
+"""Threads a large search runs on: torch's default at import (the usable cores, or OMP_NUM_THREADS)."""
+
+
+def threads_for(work: float) -> int:
+    """Threads for a search of ``work`` multiply-adds: one below ``SERIAL_WORK``, else all."""
+    return 1 if work < SERIAL_WORK else ALL_THREADS
+
+
+@contextlib.contextmanager
+def search_threads(n: int) -> Iterator[None]:
+    """Run torch and FAISS on ``n`` threads meanwhile, in the calling thread only (OpenMP's and
+    MKL's thread counts are per thread, so concurrent callers do not disturb each other)."""
+    before = torch.get_num_threads()
+    before_faiss = faiss.omp_get_max_threads() if faiss is not None else None
+    if before != n:
+        torch.set_num_threads(n)
+    if before_faiss is not None and before_faiss != n:
+        faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
+        if before_faiss is not None and before_faiss != n:
+            faiss.omp_set_num_threads(before_faiss)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -51,7 +101,8 @@ def exact_search(
     """Brute-force inner-product top-``k``: (scores [Q, k] float32, row positions [Q, k]), best
     first. Fewer than k rows: padded with -inf / -1.
 
-    ``corpus`` may be float16 (converted a block at a time). ``exclude`` [Q]: one corpus row per
+    ``corpus`` may be float16 (converted a block, or for few queries a cache-sized chunk, at a
+    time) and read-only (a memory map, an Arrow buffer: never copied whole). ``exclude`` [Q]: one corpus row per
     query to leave out (its own row, for leave-one-out search); -1 excludes nothing.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -65,12 +116,15 @@ def exact_search(
     best_s = np.full((len(q), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(q), k), -1, dtype=np.int64)
     skip = None if exclude is None else np.asarray(exclude, dtype=np.int64)
-    with torch.inference_mode():
+    chunked = len(q) <= FEW_QUERIES and corpus.dtype != np.float32
+    with torch.inference_mode(), search_threads(threads_for(len(q) * n * q.shape[1])):
         for start in range(0, n, block_rows):
-            block_t = _as_float_tensor(corpus[start : start + block_rows]).T
-            kk = min(k, block_t.shape[1])
+            block = corpus[start : start + block_rows]
+            block_t = None if chunked else _as_float_tensor(block).T
+            kk = min(k, len(block))
             for lo in range(0, len(q), q_step):
-                sim = torch.from_numpy(q[lo : lo + q_step]) @ block_t
+                q_t = torch.from_numpy(q[lo : lo + q_step])
+                sim = _chunked_scores(q_t, block) if chunked else q_t @ block_t
                 if skip is not None:
                     _leave_out(sim, skip[lo : lo + q_step] - start)
                 s, i = sim.topk(kk, dim=1)
@@ -81,12 +135,28 @@ def exact_search(
     return best_s, np.where(np.isfinite(best_s), best_i, -1)
 
 
+def _chunked_scores(queries: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """Scores [Q, len(rows)] of float32 ``queries`` against ``rows`` of any float type, converted to
+    float32 ``CONVERT_ROWS`` at a time into one buffer that stays in cache."""
+    out = torch.empty((len(queries), len(rows)), dtype=torch.float32)
+    step = min(CONVERT_ROWS, len(rows))
+    buffer = torch.empty((step, rows.shape[1]), dtype=torch.float32)
+    for lo in range(0, len(rows), step):
+        chunk = buffer[: min(step, len(rows) - lo)]
+        chunk.copy_(_tensor_view(rows[lo : lo + step]))
+        out[:, lo : lo + len(chunk)] = queries @ chunk.T
+    return out
+
+
+def _tensor_view(rows: np.ndarray) -> torch.Tensor:
+    """``rows`` as a torch tensor without a copy, read-only arrays (memory maps, Arrow buffers)
+    included: they are only ever read through it."""
+    return torch.from_numpy(np.ascontiguousarray(rows))
+
+
 def _as_float_tensor(rows: np.ndarray) -> torch.Tensor:
-    """float32 torch view (or copy) of ``rows``; read-only arrays (memory maps, Arrow buffers) are
-    copied, since torch tensors are writable."""
-    if not rows.flags.writeable:
-        return torch.from_numpy(np.array(rows, dtype=np.float32))
-    return torch.from_numpy(np.ascontiguousarray(rows)).float()
+    """float32 torch view (float32 ``rows``) or copy (other float types) of ``rows``."""
+    return _tensor_view(rows).float()
 
 
 def _leave_out(sim: torch.Tensor, local: np.ndarray) -> None:
@@ -95,6 +165,19 @@ def _leave_out(sim: torch.Tensor, local: np.ndarray) -> None:
     if inside.any():
         rows = np.flatnonzero(inside)
         sim[torch.from_numpy(rows), torch.from_numpy(local[rows])] = -torch.inf
+
+
+def _silence_read_only_warning() -> None:
+    """Torch warns once per process when it views a read-only array; the views here are only
+    read, so that one warning is taken here, at import, where it tells a user nothing."""
+    view = np.zeros(1, dtype=np.float32)
+    view.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(view)
+
+
+_silence_read_only_warning()
 
 
 def recall_at_k_with_ties(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,21 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from braceexpand import braceexpand
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import glob_translate
 
 from mrl_core.defaults import MAX_RECORD_BYTES
-from mrl_core.objectstore import filesystem, retrying, url_to_fs
-from mrl_core.settings import FORMATS
+from mrl_core.objectstore import filesystem, protocol_of, retrying, url_to_fs
+from mrl_core.settings import FORMAT_OF_EXTENSION, FORMATS
 from mrl_core.webdataset import WebDatasetError, image_field, iter_samples
 
-EXTENSIONS = {
-    ".parquet": "parquet",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "jsonl",
-    ".txt": "text",
-    ".text": "text",
-    ".tar": "wds",
-}
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -46,15 +42,20 @@ class ShardError(RuntimeError):
         self.shard = shard
         self.reason = reason
 
+    def __reduce__(self) -> tuple:  # Ray ships exceptions between processes: keep both fields
+        return type(self), (self.shard, self.reason)
+
 
 @dataclass(frozen=True)
 class Shard:
-    """One input file: its URI, size and a version tag (etag or mtime) to detect changes."""
+    """One input file: its URI, size, a version tag (etag or mtime) to detect changes, its format,
+    and (once a run assigns it from the ledger) the key its rows' ids derive from."""
 
     uri: str
     size: int
     version: str
     format: str
+    key: int | None = None
 
 
 @dataclass
@@ -73,37 +74,87 @@ def format_of(uri: str, declared: str | None = None) -> str:
             raise ValueError(f"unknown input format {declared!r}; use one of {sorted(FORMATS)}")
         return declared
     ext = posixpath.splitext(uri)[1].lower()
-    if ext not in EXTENSIONS:
+    if ext not in FORMAT_OF_EXTENSION:
         raise ValueError(f"cannot tell the format of {uri} from its extension; pass --format")
-    return EXTENSIONS[ext]
+    return FORMAT_OF_EXTENSION[ext]
+
+
+def canonical_uri(url: str) -> str:
+    """The one name of the object ``url`` points at: an absolute, normalised local path (no
+    ``file://``, ``./``, ``//`` or trailing slash; symlinks resolved), or the object store's
+    ``protocol://bucket/key``. Two spellings of one file are one shard."""
+    if protocol_of(url) in ("file", "local"):
+        path = url.split("://", 1)[1] if "://" in url else url
+        return os.path.realpath(os.path.expanduser(path))
+    fs, path = url_to_fs(url)
+    return fs.unstrip_protocol(path.rstrip("/"))
 
 
 def list_shards(
     url: str, storage_options: Mapping[str, str] | None = None, fmt: str | None = None
 ) -> list[Shard]:
-    """Every shard under ``url`` (a file, a directory searched recursively, or a glob), sorted."""
-    fs = filesystem(url, storage_options)
-    if any(c in url for c in "*?["):
-        paths = retrying(url, lambda: fs.glob(url))
-    elif retrying(url, lambda: fs.isdir(url)):
-        paths = [p for p in retrying(url, lambda: fs.find(url))
-                 if fmt or posixpath.splitext(p)[1].lower() in EXTENSIONS]
-    elif retrying(url, lambda: fs.exists(url)):
-        paths = [url]
-    else:
-        raise FileNotFoundError(f"input {url} does not exist")
+    """Every shard ``url`` names, sorted, each once under its canonical URI: a file, a directory
+    (searched recursively), a glob (``*``, ``?``, ``[...]``, ``**``), or brace patterns of any of
+    these (``part-{000..099}.parquet``, ``{train,extra}/*.tar``). A path that exists is taken
+    literally even when it holds glob characters.
+
+    Listing is strict: a directory that cannot be listed (permission denied, a stale handle) is
+    an error naming it, never a silently shorter input, so that a re-index cannot mistake an
+    unlistable directory's shards for removed ones.
+    """
+    patterns = list(braceexpand(url)) if "{" in url else [url]
+    found: dict[str, dict[str, Any]] = {}
+    for pattern in patterns:
+        fs = filesystem(pattern, storage_options)
+        for path, info in _expand(fs, pattern, fmt):
+            found.setdefault(_shard_uri(fs, path), info)
+    if not found:
+        raise FileNotFoundError(f"no input shards found under {url}")
     shards = []
-    for path in sorted(paths):
-        info = retrying(path, lambda path=path: fs.info(path))
-        if info.get("type") == "directory":
-            continue
+    for uri in sorted(found):
+        info = found[uri]
         size = int(info.get("size") or 0)
         tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-        uri = fs.unstrip_protocol(path) if "://" in url else path
-        shards.append(Shard(uri, size, f"{size}:{tag}", format_of(path, fmt)))
-    if not shards:
-        raise FileNotFoundError(f"no input shards found under {url}")
+        shards.append(Shard(uri, size, f"{size}:{tag}", format_of(uri, fmt)))
     return shards
+
+
+def _shard_uri(fs: Any, path: str) -> str:
+    return os.path.realpath(path) if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def _expand(fs: Any, pattern: str, fmt: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """(path, info) of the files one (brace-free) pattern names."""
+    path = fs._strip_protocol(pattern)
+    if isinstance(fs, LocalFileSystem):  # ./ and // name the same directory: match what ls returns
+        path = os.path.normpath(path)
+    literal = retrying(pattern, lambda: fs.exists(path))
+    if not literal and any(c in path for c in "*?["):
+        regex = re.compile(glob_translate(path))
+        root = path[: min(path.find(c) for c in "*?[" if c in path)].rpartition("/")[0] or "/"
+        return [(p, i) for p, i in _walk(fs, root) if regex.match(p)]
+    if not literal:
+        raise FileNotFoundError(f"input {pattern} does not exist")
+    info = retrying(pattern, lambda: fs.info(path))
+    if info.get("type") != "directory":
+        return [(path, info)]
+    return [(p, i) for p, i in _walk(fs, path) if fmt or posixpath.splitext(p)[1].lower() in FORMAT_OF_EXTENSION]
+
+
+def _walk(fs: Any, root: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every file under ``root`` with its info; any directory that cannot be listed raises,
+    named (``fsspec``'s own ``find``/``glob`` skip such a directory without a word)."""
+    files, todo = [], [root]
+    while todo:
+        directory = todo.pop()
+        for entry in retrying(directory, lambda d=directory: fs.ls(d, detail=True)):
+            name = entry["name"].rstrip("/")
+            if entry.get("type") == "directory":
+                if name != directory.rstrip("/"):
+                    todo.append(name)
+            else:
+                files.append((name, entry))
+    return files
 
 
 def read_shard(
@@ -114,7 +165,11 @@ def read_shard(
     modality: str = "text",
     max_record_bytes: int = MAX_RECORD_BYTES,
 ) -> ShardRecords:
-    """Read and validate one shard: columns ``_pos``, ``_input`` and the ``keep`` columns."""
+    """Read and validate one shard: columns ``_pos``, ``_input`` and the ``keep`` columns.
+
+    ``keep`` may name the input column (its text is then stored too). A kept column the shard
+    does not have at all is a ``ShardError``, never a column of nulls.
+    """
     fs = filesystem(shard.uri, storage_options)
 
     def read() -> bytes:
@@ -126,9 +181,10 @@ def read_shard(
     except (OSError, ValueError) as exc:
         raise ShardError(shard.uri, f"cannot open: {exc}") from exc
     reader = {"parquet": _parquet, "jsonl": _jsonl, "text": _text, "wds": _wds}[shard.format]
-    table, skipped = reader(shard.uri, data, input_column, list(keep))
+    others = [k for k in dict.fromkeys(keep) if k != input_column]
+    table, skipped = reader(shard.uri, data, input_column, others)
     total = table.num_rows + len(skipped)
-    missing = [c for c in [input_column, *keep] if c not in table.column_names]
+    missing = [c for c in [input_column, *others] if c not in table.column_names]
     if missing and table.num_rows:
         raise ShardError(shard.uri, f"no column {missing[0]!r} (columns: {', '.join(table.column_names)})")
     if table.num_rows:
@@ -153,6 +209,8 @@ def read_shard(
             table.schema.get_field_index(input_column), input_column, table.column(input_column).cast(text_type)
         )
     table = table.rename_columns(["_input" if n == input_column else n for n in table.column_names])
+    if input_column in keep and table.num_rows:
+        table = table.append_column(input_column, table.column("_input"))
     skipped.sort()
     return ShardRecords(table.select(["_pos", "_input", *keep]) if table.num_rows else _empty(keep), total, skipped)
 
@@ -263,7 +321,7 @@ def _lines(data: bytes) -> list[bytes]:
 
 
 def _jsonl(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table, list]:
-    rows, skipped = [], []
+    rows, skipped, seen = [], [], set()
     for pos, line in enumerate(_lines(data)):
         try:
             obj = json.loads(line)
@@ -285,8 +343,12 @@ def _jsonl(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Tabl
             skipped.append((pos, problem))
             continue
         rows.append({"_pos": pos, column: value, **{k: obj.get(k) for k in keep}})
+        seen.update(k for k in keep if k in obj)
     if rows and not any(column in r and r[column] is not None for r in rows):
         raise ShardError(uri, f"no record has the field {column!r}")
+    absent = [k for k in keep if k not in seen]
+    if rows and absent:
+        raise ShardError(uri, f"no record has the field {absent[0]!r} to keep")
     for k in keep:
         if k != column:
             _uniform_column(rows, k)
@@ -326,7 +388,9 @@ def _uniform_column(rows: list[dict], key: str) -> None:
 
 
 def _text(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table, list]:
-    """A record a line; kept columns are null (a text file has none)."""
+    """A record a line. A text file has no other columns: asking to keep one is a shard error."""
+    if keep:
+        raise ShardError(uri, f"a text shard has no column {keep[0]!r} to keep (only the line itself)")
     rows, skipped = [], []
     for pos, line in enumerate(_lines(data)):
         try:
@@ -354,6 +418,9 @@ def _wds(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table,
                 value = fields[ext] if ext else None
             row[name] = value
         rows.append(row)
+    absent = [k for k in keep if rows and all(r[k] is None for r in rows)]
+    if absent:
+        raise ShardError(uri, f"no sample has the field {absent[0]!r} to keep")
     table = pa.Table.from_pylist(rows) if rows else _empty([])
     for name in {column, *keep}:
         if name in table.column_names and name not in (column,) and pa.types.is_binary(table.schema.field(name).type):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import lance
@@ -20,8 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mrl_core.nesting import l2_normalize
+from mrl_core.settings import FORMAT_OF_EXTENSION, EmbedSettings
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 INFO_KEY = "mrl.info"
 LEDGER_PREFIX = "mrl.shard/"
 EMB_PREFIX = "emb_"
@@ -35,44 +37,68 @@ class StorageError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What produced a dataset's embeddings; a later job refuses to mix in another encoder."""
+    """How a dataset's rows were made (``mrl.info``): its settings and what follows from them.
 
-    encoder: str
+    ``fingerprint`` identifies the encoder with its options (``encoder_fingerprint``);
+    ``kept_types`` the Arrow types of the kept columns; ``unknown`` (never stored) the settings a
+    dataset written before they were recorded cannot tell (see ``read_info``).
+    """
+
+    settings: EmbedSettings
     fingerprint: str
     full_dim: int
-    dims: tuple[int, ...]
     trained_dims: tuple[int, ...]
-    dtype: str = "float16"
+    kept_types: Mapping[str, str] = field(default_factory=dict)
     metric: str = "cosine"
     normalized: bool = True
     modality: str = "text"
     pipeline_version: str = PIPELINE_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    unknown: tuple[str, ...] = ()
+
+    @property
+    def encoder(self) -> str:
+        """The encoder spec (``settings.encoder``)."""
+        return self.settings.encoder
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        """The stored dims (``settings.dims``)."""
+        return self.settings.dims
+
+    @property
+    def dtype(self) -> str:
+        """The stored vector type (``settings.dtype``)."""
+        return self.settings.dtype
 
     def to_json(self) -> str:
         """The info as a JSON string (what is stored under ``mrl.info``)."""
-        return json.dumps(asdict(self), sort_keys=True)
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "unknown"}
+        raw["settings"] = self.settings.to_dict()
+        raw["trained_dims"] = list(self.trained_dims)
+        raw["kept_types"] = dict(self.kept_types)
+        return json.dumps(raw, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> DatasetInfo:
-        """Parse what ``to_json`` wrote."""
+        """Parse what ``to_json`` wrote (unknown keys from newer writers are ignored)."""
         raw = json.loads(text)
-        raw["dims"] = tuple(raw["dims"])
+        if "settings" not in raw:
+            raise StorageError("mrl.info predates recorded settings: read it with read_info(dataset)")
+        known = {f.name for f in fields(cls)} - {"unknown"}
+        raw = {k: v for k, v in raw.items() if k in known}
+        raw["settings"] = EmbedSettings.from_dict(raw["settings"])
         raw["trained_dims"] = tuple(raw["trained_dims"])
         return cls(**raw)
 
-    def check_compatible(self, other: DatasetInfo, uri: str) -> None:
-        """Raise unless ``other`` writes the same embeddings (encoder, weights, dims, dtype)."""
-        mine = (self.encoder, self.fingerprint, self.dims, self.dtype, self.metric)
-        theirs = (other.encoder, other.fingerprint, other.dims, other.dtype, other.metric)
-        if mine != theirs:
-            raise StorageError(
-                f"dataset {uri} holds embeddings from encoder {self.encoder!r} "
-                f"(fingerprint {self.fingerprint}, dims {list(self.dims)}, {self.dtype}, "
-                f"{self.metric}); refusing to add embeddings from {other.encoder!r} "
-                f"(fingerprint {other.fingerprint}, dims {list(other.dims)}, {other.dtype}, "
-                f"{other.metric}). Write to a new dataset instead."
-            )
+
+def encoder_fingerprint(fingerprint: str, options: Mapping[str, Any]) -> str:
+    """The fingerprint of an encoder loaded with ``options``: its own when there are none, else a
+    hash of it and the options, so a dataset, its index and ``Corpus`` agree on both."""
+    if not options:
+        return fingerprint
+    text = json.dumps(dict(options), sort_keys=True, default=str)
+    return hashlib.sha256(f"{fingerprint}\0{text}".encode()).hexdigest()[:16]
 
 
 def emb_column(dim: int) -> str:
@@ -126,20 +152,61 @@ def embedding_arrays(
     return out
 
 
-def shard_key(shard: str) -> int:
-    """A 39-bit key for a shard URI: the high bits of every id derived for its rows."""
+MAX_SHARD_KEY = (1 << (63 - POSITION_BITS)) - 1
+"""Shard keys fill the 39 high bits of an id (the sign bit stays 0)."""
+
+
+def derive_ids(key: int, positions: np.ndarray) -> np.ndarray:
+    """Stable int64 ids of a shard's rows: its ``key`` (from the ledger) in the high bits, each
+    row's position in the shard in the low ``POSITION_BITS``."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if not 0 <= key <= MAX_SHARD_KEY:
+        raise ValueError(f"shard key {key} is outside 0..{MAX_SHARD_KEY}")
+    if len(positions) and (positions.min() < 0 or positions.max() >= 1 << POSITION_BITS):
+        raise ValueError(f"a shard has more than {1 << POSITION_BITS} rows; split it or pass --id-column")
+    return (np.int64(key) << np.int64(POSITION_BITS)) | positions
+
+
+def legacy_shard_key(shard: str) -> int:
+    """The key pipeline version 1 derived from a shard's URI (39 bits of a hash): the key of its
+    ledger entries that record none. New shards get sequential keys (``assign_shard_keys``),
+    which cannot collide."""
     digest = hashlib.blake2b(shard.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> (64 - (63 - POSITION_BITS))
 
 
-def derive_ids(shard: str, positions: np.ndarray) -> np.ndarray:
-    """Stable int64 ids from the shard URI and each row's position in the shard."""
-    positions = np.asarray(positions, dtype=np.int64)
-    if len(positions) and (positions.min() < 0 or positions.max() >= 1 << POSITION_BITS):
-        raise ValueError(
-            f"shard {shard} has more than {1 << POSITION_BITS} rows; split it or pass --id-column"
-        )
-    return (np.int64(shard_key(shard)) << np.int64(POSITION_BITS)) | positions
+def ledger_key(shard: str, entry: Mapping[str, Any]) -> int:
+    """The key of a committed shard: recorded in its ledger entry, or (pipeline 1) its URI hash."""
+    key = entry.get("key")
+    return legacy_shard_key(shard) if key is None else int(key)
+
+
+def ids_of_rows(ds: lance.LanceDataset, shard: str, positions: np.ndarray) -> np.ndarray:
+    """The derived ids of the records at ``positions`` of a committed ``shard`` (from its ledger
+    entry's key): which row a record became."""
+    entry = read_ledger(ds).get(shard)
+    if entry is None:
+        raise KeyError(f"shard {shard} has no ledger entry in {ds.uri}")
+    return derive_ids(ledger_key(shard, entry), positions)
+
+
+def assign_shard_keys(ledger: Mapping[str, Mapping[str, Any]], shards: Sequence[str]) -> dict[str, int]:
+    """A key for each of ``shards``: its own when the ledger has it (a changed shard keeps its ids),
+    else the next unused one after every key the ledger holds. Keys never collide."""
+    used = {ledger_key(s, e) for s, e in ledger.items()}
+    next_key = 1 + max((int(e["key"]) for e in ledger.values() if e.get("key") is not None), default=0)
+    out = {}
+    for shard in shards:
+        if shard in ledger:
+            out[shard] = ledger_key(shard, ledger[shard])
+            continue
+        while next_key in used:
+            next_key += 1
+        if next_key > MAX_SHARD_KEY:
+            raise StorageError(f"no shard keys left (all {MAX_SHARD_KEY} used)")
+        out[shard], next_key = next_key, next_key + 1
+        used.add(out[shard])
+    return out
 
 
 def open_dataset(
@@ -160,11 +227,46 @@ def try_open(uri: str, storage_options: Mapping[str, str] | None = None) -> lanc
 
 
 def read_info(ds: lance.LanceDataset) -> DatasetInfo:
-    """The encoder info recorded in a dataset by the embed pipeline."""
+    """How the dataset's rows were made (``mrl.info``).
+
+    A dataset written before its settings were recorded (pipeline version 1) gets them inferred
+    where that is unambiguous: the encoder, dims and dtype from its info, the kept columns and
+    their types from its schema, derived ids (no id column) when its rows' ids carry their
+    shards' keys, the format from its shards' extensions when every one names a format. What
+    cannot be told (always the text column) is listed in ``unknown``: a run must give it once.
+    """
     raw = ds.config().get(INFO_KEY)
     if raw is None:
         raise StorageError(f"dataset {ds.uri} has no '{INFO_KEY}': it was not written by mrl embed")
-    return DatasetInfo.from_json(raw)
+    data = json.loads(raw)
+    return DatasetInfo.from_json(raw) if "settings" in data else _legacy_info(ds, data)
+
+
+def _legacy_info(ds: lance.LanceDataset, data: Mapping[str, Any]) -> DatasetInfo:
+    keep = tuple(f.name for f in ds.schema if f.name not in ("id", "shard") and not f.name.startswith(EMB_PREFIX))
+    unknown = ["text_column"]
+    sample = ds.head(1024, columns=["id", "shard"])
+    ids, shards = sample["id"].to_numpy(), sample["shard"].to_pylist()
+    derived = all(int(i) >> POSITION_BITS == legacy_shard_key(s) for i, s in zip(ids, shards))
+    if not derived:
+        unknown.append("id_column")
+    by_extension = all(posixpath.splitext(s)[1].lower() in FORMAT_OF_EXTENSION for s in read_ledger(ds))
+    if not by_extension:
+        unknown.append("format")
+    settings = EmbedSettings(encoder=data["encoder"], dims=data["dims"], dtype=data.get("dtype", "float16"),
+                             keep=keep)
+    return DatasetInfo(
+        settings=settings, fingerprint=data["fingerprint"], full_dim=data["full_dim"],
+        trained_dims=tuple(data["trained_dims"]), kept_types=kept_types(ds.schema, keep),
+        metric=data.get("metric", "cosine"), normalized=data.get("normalized", True),
+        modality=data.get("modality", "text"), pipeline_version=data.get("pipeline_version", "1"),
+        extra=data.get("extra", {}), unknown=tuple(unknown),
+    )
+
+
+def kept_types(schema: pa.Schema, keep: Sequence[str]) -> dict[str, str]:
+    """{kept column: its Arrow type as text}, as ``mrl.info`` records them."""
+    return {name: str(schema.field(name).type) for name in keep}
 
 
 def read_ledger(ds: lance.LanceDataset) -> dict[str, dict[str, Any]]:
@@ -186,7 +288,49 @@ def ledger_updates(entries: Mapping[str, Mapping[str, Any] | None]) -> dict[str,
 
 def sql_string_list(values: Iterable[str]) -> str:
     """A SQL ``IN (...)`` list of string literals, quotes escaped."""
-    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+    return ", ".join(sql_literal(v) for v in values)
+
+
+def sql_literal(value: str) -> str:
+    """A SQL string literal, quotes escaped."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def rename_shards(ds: lance.LanceDataset, renames: Mapping[str, str]) -> int:
+    """Give committed shards new URIs: their rows' ``shard`` column, then their ledger entries.
+
+    Rows keep their ids. A crash between the two steps is finished by calling it again with the
+    same renames (the rows are renamed already). Returns the rows renamed.
+    """
+    ledger = read_ledger(ds)
+    renames = {old: new for old, new in renames.items() if old != new}
+    taken = sorted(new for new in renames.values() if new in ledger and new not in renames)
+    if taken:
+        raise StorageError(f"cannot rename shards onto {taken[:3]}: committed shards of that name exist")
+    rows = 0
+    for old, new in renames.items():
+        rows += ds.update({"shard": sql_literal(new)}, where=f"shard = {sql_literal(old)}")["num_rows_updated"]
+    moved = {old: new for old, new in renames.items() if old in ledger}
+    if moved:
+        ds.update_config(ledger_updates({**dict.fromkeys(moved), **{new: ledger[old] for old, new in moved.items()}}))
+    return rows
+
+
+def rebase_shards(ds: lance.LanceDataset, old_root: str, new_root: str) -> int:
+    """Move every committed shard under ``old_root`` to the same path under ``new_root`` (an input
+    directory that moved): rows' ``shard`` column in one update, then the ledger. Rows keep their
+    ids and vectors. Idempotent, so a crash in between is finished by running it again."""
+    old_root, new_root = old_root.rstrip("/") + "/", new_root.rstrip("/") + "/"
+    ledger = read_ledger(ds)
+    moved = {u: new_root + u[len(old_root):] for u in ledger if u.startswith(old_root)}
+    taken = sorted(new for new in moved.values() if new in ledger)
+    if taken:
+        raise StorageError(f"cannot rebase {old_root} onto {new_root}: shards {taken[:3]} exist under both")
+    expression = f"concat({sql_literal(new_root)}, substr(shard, {len(old_root) + 1}))"
+    rows = ds.update({"shard": expression}, where=f"starts_with(shard, {sql_literal(old_root)})")["num_rows_updated"]
+    if moved:
+        ds.update_config(ledger_updates({**dict.fromkeys(moved), **{new: ledger[old] for old, new in moved.items()}}))
+    return rows
 
 
 def delete_shards(ds: lance.LanceDataset, shards: Iterable[str]) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 
 from mrl_core.calibration import Calibration, Trial, candidate_schedules, cheapest_hits
 from mrl_core.funnel import FunnelSchedule
+from mrl_core.search import exact_search, search_threads, threads_for
 
 logger = logging.getLogger(__name__)
 
@@ -145,13 +146,16 @@ def mergeable(index: faiss.Index) -> bool:
 
 
 def gpu_count(gpu: bool | None = None) -> int:
-    """GPUs to use: all FAISS sees unless ``gpu`` is False; ``gpu=True`` without one is an error."""
+    """GPUs to use: all FAISS sees unless ``gpu`` is False; ``gpu=True`` without one is a
+    ``mrl_core.device.DeviceError`` naming the node, the FAISS and torch builds and the driver."""
+    if gpu is False:
+        return 0
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if gpu and n == 0:
-        raise RuntimeError(
-            "GPU requested but FAISS sees no GPU (install faiss-gpu on a CUDA machine)"
-        )
-    return 0 if gpu is False else n
+        from mrl_core.device import faiss_build, gpu_error
+
+        raise gpu_error("FAISS", f"GPU requested but {faiss_build(faiss)} sees no GPU")
+    return n
 
 
 def to_gpus(index: faiss.Index) -> faiss.Index:
@@ -165,7 +169,11 @@ def to_gpus(index: faiss.Index) -> faiss.Index:
 class Tier0Index:
     """A tier-0 FAISS index, on the GPUs when asked (sharded) and on CPU otherwise.
 
-    ``search`` is safe to call from several threads (nprobe is set and used under one lock).
+    ``search`` is safe to call from several threads. On the CPU nothing is shared between calls:
+    each passes its own nprobe (``faiss.SearchParametersIVF``) and sets its own thread count
+    (``mrl_core.search.search_threads``: one thread for small batches, all for large ones); a flat
+    tier 0 is searched by ``mrl_core.search.exact_search`` over the index's own vectors, at GEMM
+    speed at every batch size. The GPU copy sets nprobe on the index, under a lock.
     """
 
     def __init__(self, index: faiss.Index, gpu: bool | None = None) -> None:
@@ -188,6 +196,9 @@ class Tier0Index:
         self._nprobe = self.default_nprobe
         self._space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
         self._lock = threading.Lock()
+        self._params_ok = True  # cleared when the index takes no per-call search parameters
+        self._flat = not self.on_gpu and flat_vectors(index) is not None
+        self._scanned = code_bytes(index) * index.ntotal  # bytes one query reads (all lists probed)
 
     @property
     def ntotal(self) -> int:
@@ -200,8 +211,28 @@ class Tier0Index:
         """(scores, ids) [Q, n] of the n nearest rows; ids are -1 where fewer were found."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n = max(1, min(n, GPU_MAX_K if self.on_gpu else n))
+        want = nprobe or self.default_nprobe
+        if self.on_gpu:
+            return self._search_locked(queries, n, want)
+        if self._flat:
+            vectors, ids = flat_vectors(self.cpu_index)  # views taken per call: the index may grow
+            scores, positions = exact_search(queries, vectors, n)
+            return scores, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
+        share = 1.0 if self.nlist is None else min(1.0, int(want) / self.nlist)
+        with search_threads(threads_for(len(queries) * self._scanned * share)):
+            if self.nlist is None:
+                return self.index.search(queries, n)
+            if self._params_ok:
+                params = faiss.SearchParametersIVF(nprobe=min(int(want), self.nlist))
+                try:
+                    return self.index.search(queries, n, params=params)
+                except RuntimeError:  # an index that takes no search parameters
+                    self._params_ok = False
+            return self._search_locked(queries, n, want)
+
+    def _search_locked(self, queries: np.ndarray, n: int, want: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Search with nprobe set on the index itself (the GPU copy), one caller at a time."""
         with self._lock:
-            want = nprobe or self.default_nprobe
             if self.nlist is not None and want != self._nprobe:
                 probes = min(int(want), self.nlist)
                 self._space.set_index_parameter(self.index, "nprobe", probes)
@@ -211,6 +242,22 @@ class Tier0Index:
     def tier0(self, nprobe: int | None = None) -> Callable[[int, np.ndarray, int], np.ndarray]:
         """This index as a funnel ``Tier0`` function (ignores the dim argument)."""
         return lambda _dim, queries, n: self.search(queries, n, nprobe)[1]
+
+
+def flat_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
+    """(vectors [N, d] float32, ids [N]) of an inner-product ``IDMap,Flat`` index: views of the
+    index's own memory, valid until it next changes (never copied); None for other indexes."""
+    outer = faiss.downcast_index(index)
+    if not isinstance(outer, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return None
+    inner = faiss.downcast_index(outer.index)
+    if type(inner) not in (faiss.IndexFlatIP, faiss.IndexFlat) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    rows = int(inner.ntotal)
+    if rows == 0:
+        return np.zeros((0, inner.d), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    vectors = faiss.rev_swig_ptr(inner.get_xb(), rows * inner.d).reshape(rows, inner.d)
+    return vectors, faiss.rev_swig_ptr(outer.id_map.data(), rows)
 
 
 # ----------------------------------------------------------------------------- tuning

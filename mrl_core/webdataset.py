@@ -29,6 +29,9 @@ class WebDatasetError(ValueError):
         self.shard = shard
         self.reason = reason
 
+    def __reduce__(self) -> tuple:
+        return type(self), (self.shard, self.reason)
+
 
 def split_key(name: str) -> tuple[str, str]:
     """(sample key, field) of a member name: ``dir/k.seg.PNG`` -> (``dir/k``, ``seg.png``)."""

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import warnings
 
 PROJECT_LOGGERS = ("mrl_core", "pipelines", "__main__")
+NOISE = (
+    "lance is not fork-safe",  # Lance's fork hook: Ray and the tokenisers fork and exec, they share nothing
+)
+"""Third-party warnings shown only with ``--verbose``."""
 
 
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -31,6 +37,28 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    if not verbose:  # other libraries' notices, not the user's business unless asked for
+        for pattern in NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default shown, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+_RUST_LOCATION = re.compile(r",?\s*/\S+\.rs:\d+:\d+")
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as the one line a CLI prints after ``error:``: Lance's Rust source locations
+    (``, /home/runner/.../commit.rs:653:26``) dropped, whitespace collapsed."""
+    return " ".join(_RUST_LOCATION.sub("", str(exc)).split()) or type(exc).__name__
 
 
 def key_value(text: str) -> tuple[str, str]:

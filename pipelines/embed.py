@@ -13,38 +13,41 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lance
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from mrl_core.dataset import (
+    IdCollisionError,
+    Output,
+    check_id_collisions,
+    create,
+    prepare_output,
+    verify_output_location,
+)
 from mrl_core.defaults import ENCODER, FRAGMENT_ROWS, MAX_RECORD_BYTES
-from mrl_core.encoders import get_encoder
-from mrl_core.ledger import CommitLog, clear_uncommitted
-from mrl_core.nesting import NestingSpec
+from mrl_core.device import DEVICES, DeviceError, check_device
+from mrl_core.lease import Lease, LeaseHeldError, LeaseLostError, acquire_lease
+from mrl_core.ledger import CommitLog, locate_rows
 from mrl_core.objectstore import redact
 from mrl_core.progress import Progress
-from mrl_core.settings import DTYPES, FORMATS, EmbedSettings
+from mrl_core.settings import DTYPES, FLAGS, FORMATS, EmbedSettings, parse_option_value
 from mrl_core.sources import Shard, list_shards
-from mrl_core.storage import (
-    INFO_KEY,
-    DatasetInfo,
-    make_schema,
-    read_info,
-    read_ledger,
-    try_open,
-)
-from pipelines.cli import configure_logging, key_value
-from pipelines.embed_plan import PlanConfig, build_plan
+from mrl_core.storage import assign_shard_keys, open_dataset, read_ledger
+from pipelines.cli import HelpFormatter, configure_logging, error_line, key_value
+from pipelines.embed_plan import PlanConfig, build_plan, shard_ids
+from pipelines.gpu_check import check_gpu_slot
+from pipelines.layout import Layout, cluster_layout
 
 DEFAULT_DATA_DIR = Path("data")
 
@@ -61,7 +64,7 @@ class EmbedSummary:
     rows_written: int = 0
     records_skipped: int = 0
     skipped_examples: list[tuple[str, int, str]] = field(default_factory=list)
-    rows_deleted_uncommitted: int = 0
+    rows_replaced: int = 0
     duplicate_outputs_dropped: int = 0
     commits: int = 0
     seconds: float = 0.0
@@ -90,8 +93,9 @@ class EmbedSummary:
             lines.append(f"  ... and {self.records_skipped - 20} more (see dataset config 'mrl.skipped')")
         for shard, reason in self.shards_failed.items():
             lines.append(f"  FAILED {reason}" if shard in reason else f"  FAILED {shard}: {reason}")
-        if self.rows_deleted_uncommitted:
-            lines.append(f"  removed {self.rows_deleted_uncommitted} rows left by an interrupted run")
+        if self.rows_replaced:
+            lines.append(f"  replaced {self.rows_replaced:,} earlier rows of re-embedded shards (changed, or "
+                         f"left by an interrupted run) in the same commits")
         print("\n".join(lines), file=file)
 
 
@@ -101,75 +105,36 @@ class EmbedConfig:
 
     input: str
     output: str
-    settings: EmbedSettings = field(default_factory=EmbedSettings)
+    settings: Mapping[str, Any] | EmbedSettings | None = None  # asked for; the rest: the dataset's
     storage_options: dict[str, str] = field(default_factory=dict, repr=False)  # may hold credentials
     input_storage_options: dict[str, str] | None = field(default=None, repr=False)
     commit_every: int = 8
     on_error: str = "fail"
     actors: int | None = None
     gpus_per_actor: float | None = None
+    device: str = "auto"
     batch_rows: int = 4096
     max_shards: int | None = None
     progress: bool = True
+    replace_changed: bool = False  # re-embed committed shards whose source changed (the re-index does)
 
 
-def _dataset_info(settings: EmbedSettings) -> tuple[DatasetInfo, Any]:
-    encoder = get_encoder(settings.encoder, device="cpu", **settings.encoder_options)
-    nesting = NestingSpec.for_model(encoder.dim, settings.dims) if settings.dims else encoder.nesting
-    info = DatasetInfo(
-        encoder=settings.encoder, fingerprint=encoder.fingerprint, full_dim=encoder.dim,
-        dims=tuple(nesting.dims), trained_dims=tuple(encoder.nesting.dims), dtype=settings.dtype,
-        modality=encoder.modality,
-    )
-    return info, encoder
-
-
-def _passthrough_fields(shard: Shard, cfg: EmbedConfig) -> list[pa.Field]:
-    """Types of the kept columns, read off the first shard (strings for JSONL/text/tar)."""
-    keep = cfg.settings.keep
-    if not keep:
-        return []
-    if shard.format == "parquet":
-        from mrl_core.objectstore import filesystem
-
-        with filesystem(shard.uri, cfg.input_storage_options).open(shard.uri, "rb") as f:
-            schema = pq.read_schema(f)
-        missing = [k for k in keep if k not in schema.names]
-        if missing:
-            raise ValueError(f"shard {shard.uri}: no column {missing[0]!r} to keep "
-                             f"(columns: {', '.join(schema.names)})")
-        return [schema.field(k) for k in keep]
-    return [pa.field(k, pa.string()) for k in keep]
-
-
-def open_or_create(cfg: EmbedConfig, info: DatasetInfo, schema: pa.Schema) -> lance.LanceDataset:
-    """The output dataset, created empty with ``info`` when new; refuses another encoder."""
-    ds = try_open(cfg.output, cfg.storage_options)
-    if ds is None:
-        empty = pa.Table.from_pylist([], schema=schema)
-        ds = lance.write_dataset(empty, cfg.output, schema=schema, storage_options=cfg.storage_options)
-        ds.update_config({INFO_KEY: info.to_json()})
-        return ds
-    read_info(ds).check_compatible(info, cfg.output)
-    missing = [n for n in schema.names if n not in ds.schema.names]
-    if missing:
-        raise ValueError(f"dataset {cfg.output} has no column(s) {missing}; keep the same --keep columns")
-    return ds
-
-
-def _resources(cfg: EmbedConfig) -> tuple[int, float | None]:
-    """(encoder actors, GPUs per actor): one actor per GPU by default. Without GPUs (and no
-    ``gpus_per_actor``) there are no actors: (concurrent CPU tasks, None), one task per CPU."""
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
-    per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if gpus else None)
-    if cfg.actors:
-        return cfg.actors, per_actor
-    if per_actor:
-        return max(1, int(gpus / per_actor)), per_actor
-    if per_actor is None:
-        return max(1, int(resources.get("CPU", 1))), None
-    return 1, per_actor
+def _resources(cfg: EmbedConfig) -> Layout:
+    """The job's layout from the cluster's GPU capacity (``pipelines.layout``): one encoder actor
+    per GPU it has or can get, else one CPU task per CPU; ``--actors``/``--gpus-per-actor``
+    override. With GPU actors and ``--device`` auto/cuda, one GPU slot is checked first."""
+    check_device(cfg.device)
+    layout = cluster_layout(cfg.actors, cfg.gpus_per_actor)
+    if layout.gpus_per_actor is None and cfg.device == "cuda":
+        raise EmbedError("--device cuda, but the cluster has no GPU and no GPU node type to start; "
+                         "pass --device auto or cpu, or --gpus-per-actor to ask for GPUs anyway")
+    if layout.gpus_per_actor and cfg.device != "cpu":
+        try:
+            found = check_gpu_slot(layout.gpus_per_actor, cfg.device, what="the encoder")
+        except DeviceError as exc:
+            raise EmbedError(str(exc)) from exc
+        logging.getLogger(__name__).info(f"GPU check: {found}")
+    return layout
 
 
 def _chunk_rows(cfg: EmbedConfig, modality: str) -> int:
@@ -181,47 +146,67 @@ def _chunk_rows(cfg: EmbedConfig, modality: str) -> int:
     return max(cfg.batch_rows, FRAGMENT_ROWS) if modality == "text" else cfg.batch_rows
 
 
-def run_embed(cfg: EmbedConfig) -> EmbedSummary:
-    """Embed every shard under ``cfg.input`` not yet committed to ``cfg.output``."""
+def run_embed(cfg: EmbedConfig, output: Output | None = None, lease: Lease | None = None) -> EmbedSummary:
+    """Embed every shard under ``cfg.input`` not yet committed to ``cfg.output``.
+
+    Holds the dataset's writer lease while it runs (``lease``: one the caller, the re-index, holds
+    already). ``output``: the output already prepared (``prepare_output``) by a caller that needed
+    its settings first; by default it is prepared here, refusing conflicting settings before
+    anything is written."""
     if cfg.on_error not in ("fail", "skip"):
         raise ValueError(f"--on-error must be 'fail' or 'skip', got {cfg.on_error!r}")
     if cfg.commit_every < 1:
         raise ValueError(f"--commit-every must be >= 1, got {cfg.commit_every}")
+    verify_output_location(cfg.output, cfg.storage_options)
+    if lease is not None:
+        return _run_embed(cfg, output, lease)
+    with acquire_lease(cfg.output, cfg.storage_options) as held:
+        return _run_embed(cfg, output, held)
+
+
+def _run_embed(cfg: EmbedConfig, output: Output | None, lease: Lease) -> EmbedSummary:
     start = time.perf_counter()
     summary = EmbedSummary(output=cfg.output)
     in_opts = cfg.input_storage_options if cfg.input_storage_options is not None else cfg.storage_options
     cfg.input_storage_options = in_opts
-    shards = list_shards(cfg.input, in_opts, cfg.settings.format)
+    if output is None:
+        output = prepare_output(cfg.output, cfg.settings, cfg.storage_options)  # refusals here
+    elif output.dataset is not None:  # the caller may have written since: its latest version
+        output.dataset = open_dataset(cfg.output, cfg.storage_options)
+    settings = output.settings
+    shards = list_shards(cfg.input, in_opts, settings.format)
     summary.shards_total = len(shards)
-    info, encoder = _dataset_info(cfg.settings)
-    settings = cfg.settings.with_(dims=info.dims)
-    schema = make_schema(info.dims, settings.dtype, _passthrough_fields(shards[0], cfg))
-    ds = open_or_create(cfg, info, schema)
-    ledger = read_ledger(ds)
-    todo = [s for s in shards if s.uri not in ledger]
+    ledger = read_ledger(output.dataset) if output.dataset is not None else {}
+    todo = [s for s in shards if s.uri not in ledger
+            or (cfg.replace_changed and ledger[s.uri].get("version") != s.version)]
+    summary.shards_skipped_committed = len(shards) - len(todo)
     if cfg.max_shards is not None:
         todo = todo[: cfg.max_shards]
-    summary.shards_skipped_committed = len(shards) - len([s for s in shards if s.uri not in ledger])
-    summary.rows_deleted_uncommitted = clear_uncommitted(ds, [s.uri for s in todo])
+    if todo and settings.id_column:
+        todo = _refuse_id_collisions(output, todo, cfg, summary)
+    ds = create(output, todo or shards, in_opts, cfg.storage_options)
+    keys = assign_shard_keys(ledger, [s.uri for s in todo])
+    todo = [replace(s, key=keys[s.uri]) for s in todo]
     if not todo:
         summary.seconds = time.perf_counter() - start
         return summary
 
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=False, configure_logging=False)
+    _init_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    actors, gpus_per_actor = _resources(cfg)
-    summary.encode_actors, summary.gpus = actors, actors * (gpus_per_actor or 0.0)
+    layout = _resources(cfg)
+    summary.encode_actors, summary.gpus = layout.actors, layout.gpus
+    modality, schema = output.info.modality, output.schema
     plan_cfg = PlanConfig(
-        output=cfg.output, settings=settings, modality=info.modality, on_error=cfg.on_error,
+        output=cfg.output, settings=settings, modality=modality, on_error=cfg.on_error,
         storage_options=tuple(cfg.storage_options.items()),
-        input_storage_options=tuple(in_opts.items()), chunk_rows=_chunk_rows(cfg, info.modality),
+        input_storage_options=tuple(in_opts.items()), chunk_rows=_chunk_rows(cfg, modality),
         keep_schema=pa.schema([schema.field(k) for k in settings.keep]),
     )
-    log = CommitLog(cfg.output, cfg.storage_options or None)
+    existing = locate_rows(ds, [s.uri for s in todo]) if ds.count_rows() else {}
+    log = CommitLog(cfg.output, cfg.storage_options or None, guard=lease.check, keys=keys, existing=existing)
     progress = Progress(len(todo), "embed", enabled=cfg.progress)
-    plan = build_plan(todo, plan_cfg, schema, actors, gpus_per_actor, cfg.batch_rows,
-                      preprocessor=getattr(encoder, "preprocessor", None))
+    plan = build_plan(todo, plan_cfg, schema, layout, cfg.batch_rows,
+                      preprocessor=getattr(output.encoder, "preprocessor", None), device=cfg.device)
     stage_seconds = {"read": 0.0, "preprocess": 0.0, "encode": 0.0, "write": 0.0}
     try:
         for row in plan.iter_rows():
@@ -244,6 +229,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
         summary.seconds = time.perf_counter() - start
         summary.stage_seconds = stage_seconds
         summary.rows_written = log.rows_committed
+        summary.rows_replaced = log.rows_replaced
         summary.commits = log.commits
         summary.duplicate_outputs_dropped = log.duplicates_dropped
         summary.shards_done = sum(1 for p in log.shards.values() if p.done and p.error is None)
@@ -254,6 +240,32 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
 
 class EmbedError(RuntimeError):
     """The job stopped; the message names the shard (and row) at fault."""
+
+
+def _refuse_id_collisions(output: Output, todo: list[Shard], cfg: EmbedConfig,
+                          summary: EmbedSummary) -> list[Shard]:
+    """Check ``--id-column`` ids across the new shards and the committed rows before anything is
+    written: a repeated id stops the job naming both shards (``--on-error skip``: the later shard
+    is reported failed and left out). Shards that cannot be read are left to the plan."""
+    _init_ray()
+    reader = ray.remote(num_cpus=1)(shard_ids)
+    settings, opts = output.settings, cfg.input_storage_options
+    found = ray.get([reader.remote(s, settings, output.info.modality, opts) for s in todo])
+    ids = {s.uri: v for s, v in zip(todo, found) if v is not None}
+    while True:
+        try:
+            check_id_collisions(output.dataset, ids)
+            return [s for s in todo if s.uri not in summary.shards_failed]
+        except IdCollisionError as exc:
+            if cfg.on_error == "fail":
+                raise EmbedError(str(exc)) from exc
+            summary.shards_failed[exc.shard] = str(exc)
+            ids.pop(exc.shard)
+
+
+def _init_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False, include_dashboard=False, configure_logging=False)
 
 
 def _done(log: CommitLog) -> list[str]:
@@ -325,41 +337,54 @@ def parse_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def encoder_option(text: str) -> tuple[str, Any]:
+    """An argparse ``type`` for ``--encoder-option KEY=VALUE``: the value as JSON when it parses
+    (``max_length=256``, ``normalize=true``), else as text (``pooling=cls``)."""
+    key, value = key_value(text)
+    return key, parse_option_value(value)
+
+
 def add_settings_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``EmbedSettings``: what shapes the dataset's rows (embed and re-index)."""
-    g = p.add_argument_group("dataset settings", "what shapes the rows (recorded in the dataset)")
-    g.add_argument("--encoder", default=ENCODER, help="encoder spec: wordllama-256, static:/dir, "
-                   "hf:/dir, mrl-resnet50:/ckpt.pt, adaptor:/dir")
-    g.add_argument("--dims", type=parse_dims, default=(), help="comma-separated dims to store as "
-                   "emb_<d> columns (default: the encoder's trained nesting dims; the full dim is "
-                   "always stored)")
-    g.add_argument("--dtype", default="float16", choices=DTYPES, help="stored vector type")
-    g.add_argument("--text-column", default="text", help="column (Parquet/JSONL) or WebDataset "
-                   "extension holding the text or image bytes")
-    g.add_argument("--keep", type=parse_names, default=(),
-                   help="comma-separated columns copied into the dataset")
-    g.add_argument("--id-column", help="use this int64 column as the row id instead of one "
-                   "derived from the shard URI and row position")
-    g.add_argument("--format", choices=FORMATS, help="input format (default: from each file's "
-                   "extension)")
-    g.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
-                   help="records larger than this are skipped and reported")
-
-
-def settings_from_args(args: argparse.Namespace) -> EmbedSettings:
-    """The ``EmbedSettings`` that ``add_settings_arguments``' flags describe."""
-    return EmbedSettings(
-        encoder=args.encoder, dims=args.dims, dtype=args.dtype, text_column=args.text_column,
-        keep=args.keep, id_column=args.id_column, format=args.format,
-        max_record_bytes=args.max_record_bytes,
+    g = p.add_argument_group(
+        "dataset settings",
+        "How rows are made. A new dataset records them; every later run (embed.py appending, "
+        "reindex.py) takes them from the dataset, so they apply only when the dataset is created: "
+        "give one again only to check it (a different value is refused before anything is written).",
     )
+    g.add_argument("--encoder", help=f"encoder spec: wordllama-256, static:/dir, hf:/dir, mrl-resnet50:/ckpt.pt, "
+                   f"adaptor:/dir (new dataset: {ENCODER})")
+    g.add_argument("--encoder-option", type=encoder_option, action="append", metavar="KEY=VALUE",
+                   help="keyword option of the encoder's loader, e.g. pooling=cls or max_length=256 "
+                   "(repeatable; recorded with the dataset and part of its fingerprint)")
+    g.add_argument("--dims", type=parse_dims, help="comma-separated dims to store as emb_<d> columns "
+                   "(new dataset: the encoder's trained nesting dims; the full dim is always stored)")
+    g.add_argument("--dtype", choices=DTYPES, help="stored vector type (new dataset: float16)")
+    g.add_argument("--text-column", help="column (Parquet/JSONL) or WebDataset extension holding the "
+                   "text or image bytes (new dataset: text)")
+    g.add_argument("--keep", type=parse_names, help="comma-separated columns copied into the dataset "
+                   "(may name the text column)")
+    g.add_argument("--id-column", help="use this int64 column as the row id instead of one derived "
+                   "from the shard and row position")
+    g.add_argument("--format", choices=FORMATS, help="input format (default: from each file's extension)")
+    g.add_argument("--max-record-bytes", type=int,
+                   help=f"records larger than this are skipped and reported (new dataset: {MAX_RECORD_BYTES})")
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``add_settings_arguments``' flags ask for: only the flags given, so that
+    everything left out comes from the dataset (or the defaults, for a new one)."""
+    given = {name: getattr(args, name) for name in FLAGS if name != "encoder_options"}
+    if args.encoder_option:
+        given["encoder_options"] = dict(args.encoder_option)
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI."""
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="Storage options use Lance's names (aws_endpoint, aws_region, aws_access_key_id, "
         "allow_http, ...) and also configure fsspec for reading the input; credentials may "
         "also come from the environment (AWS_*), which is preferred.",
@@ -385,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per encoder actor, fractional "
                    "allowed (default 1 when GPUs exist; 0 runs the GPU layout, separate encoder "
                    "actors, on the CPU)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the encoder actors run the model: auto (the GPU each holds; a GPU "
+                   "torch cannot use stops the job before anything is written), cuda, or cpu (on "
+                   "purpose, inside the actors the layout asks for)")
     p.add_argument("--batch-rows", type=int, default=4096,
                    help="rows per batch to the encoder actors; device calls inside are sized by "
                    "tokens/pixels. Text is read, tokenised and written in chunks of at least "
@@ -405,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.input = default_corpus()
         args.output = args.output or str(DEFAULT_DATA_DIR / "docstrings.lance")
         args.keep = args.keep or ("source", "object")
+        args.text_column = args.text_column or "text"
     if not args.output:
         parser.error("--output is required when --input is given")
     options = dict(args.storage_option)
@@ -413,17 +443,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         input=args.input, output=args.output, settings=settings_from_args(args),
         storage_options=options, input_storage_options=None if in_options is None else dict(in_options),
         commit_every=args.commit_every, on_error=args.on_error, actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor, batch_rows=args.batch_rows,
+        gpus_per_actor=args.gpus_per_actor, device=args.device, batch_rows=args.batch_rows,
         max_shards=args.max_shards, progress=not args.no_progress,
     )
-    if args.ray_address or os.environ.get("RAY_ADDRESS"):
+    if not ray.is_initialized() and (args.ray_address or os.environ.get("RAY_ADDRESS")):
         ray.init(address=args.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=False)
-    print(f"embedding {cfg.input} -> {cfg.output} with {cfg.settings.encoder}"
+    print(f"embedding {cfg.input} -> {cfg.output}"
           + (f" (storage options {redact(options)})" if options else ""), flush=True)
     try:
         summary = run_embed(cfg)
-    except (EmbedError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (EmbedError, ValueError, OSError, LeaseHeldError, LeaseLostError) as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         print("committed shards are intact; fix the input and re-run to resume.", file=sys.stderr)
         return 1
     summary.print()

@@ -15,9 +15,10 @@ object store would only take cores from it.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -28,11 +29,17 @@ import pyarrow.compute as pc
 import ray
 
 from mrl_core.defaults import FRAGMENT_ROWS
+from mrl_core.device import describe
 from mrl_core.encoders import get_encoder
 from mrl_core.ledger import encode_positions
 from mrl_core.settings import EmbedSettings
 from mrl_core.sources import Shard, ShardError, read_shard
 from mrl_core.storage import derive_ids, embedding_arrays
+from pipelines.cli import configure_logging
+from pipelines.gpu_check import ray_node, worker_device
+from pipelines.layout import Layout
+
+logger = logging.getLogger(__name__)
 
 META_COLUMNS = ["_pos", "_total", "_version", "_skipped", "_error", "_t_read", "_t_pre", "_t_enc"]
 
@@ -106,6 +113,18 @@ def _read_one(shard: Shard, cfg: PlanConfig) -> pa.Table:
 _ARROW_CAST_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError)
 
 
+def shard_ids(shard: Shard, settings: EmbedSettings, modality: str,
+              storage_options: Mapping[str, str] | None) -> np.ndarray | None:
+    """The ``--id-column`` ids of a shard's valid records (a Ray task's work before the plan
+    runs), or None when the shard cannot be read: the plan then reports it by name."""
+    try:
+        records = read_shard(shard, settings.text_column, [settings.id_column], storage_options,
+                             modality, settings.max_record_bytes)
+        return records.table.column(settings.id_column).cast(pa.int64()).to_numpy()
+    except (ShardError, *_ARROW_CAST_ERRORS):
+        return None
+
+
 def _check_columns(table: pa.Table, shard: Shard, cfg: PlanConfig) -> None:
     """Raise ``ShardError`` when kept columns do not fit the dataset's types, or the
     ``--id-column`` is not unique non-negative integers, before anything of the shard is written."""
@@ -144,7 +163,7 @@ def _finish_read(table: pa.Table, shard: Shard, cfg: PlanConfig, total: int, ski
         if id_column not in cfg.settings.keep:
             table = table.drop_columns([id_column])
     else:
-        ids = pa.array(derive_ids(shard.uri, np.maximum(pos, 0)), pa.int64())
+        ids = pa.array(derive_ids(shard.key, np.maximum(pos, 0)), pa.int64())
     table = table.append_column("id", ids).append_column("shard", _column(table.num_rows, shard.uri, pa.string()))
     return _meta(table, shard, total, skipped, error, time.perf_counter() - start)
 
@@ -266,14 +285,19 @@ def columns_to_features(batch: pa.Table, rows: np.ndarray) -> dict[str, np.ndarr
 
 
 class Encode:
-    """Stage 3 (actor pool): one model per actor, on its GPU when it has one."""
+    """Stage 3 (actor pool): one model per actor, on the GPU Ray gave it (``device`` "auto"),
+    or on the CPU (``device`` "cpu", the GPU request kept). An actor that holds a GPU torch cannot
+    use stops the job (``mrl_core.device.DeviceError``) before it embeds anything."""
 
-    def __init__(self, cfg: PlanConfig) -> None:
-        import torch
-
+    def __init__(self, cfg: PlanConfig, device: str = "auto") -> None:
+        configure_logging()  # this actor's own process: its INFO lines go to the worker's log
         self.cfg = cfg
-        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        self.encoder = get_encoder(cfg.settings.encoder, device=device, **cfg.settings.encoder_options)
+        spec = cfg.settings.encoder
+        torch_device = worker_device(device, what=f"encoder {spec}")
+        self.encoder = get_encoder(spec, device=str(torch_device), **cfg.settings.encoder_options)
+        self.gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+        logger.info(f"encoder actor on node {ray_node()} (node id {ray.get_runtime_context().get_node_id()}): "
+                    f"GPU ids [{','.join(self.gpu_ids)}], model on {describe(torch_device)}")
         self.busy = 0.0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -313,37 +337,45 @@ def encode(batch: pa.Table, cfg: PlanConfig, encoder: Any = None) -> pa.Table:
 
 
 def write_fragments(batch: pa.Table, cfg: PlanConfig, schema: pa.Schema) -> pa.Table:
-    """Stage 4 (CPU tasks): write the batch's good rows as uncommitted Lance fragments and
-    return one report row: the fragments and, per shard, the positions written and skipped."""
+    """Stage 4 (CPU tasks): write the batch's good rows as uncommitted Lance fragments, one set
+    per shard (so the driver commits a shard's rows together, once it is complete), and return
+    one report row: per shard, its fragments and the positions written and skipped."""
     start = time.perf_counter()
     ok = _embeddable(batch)
-    fragments = []
-    if ok.any():
-        rows = batch if ok.all() else batch.filter(pa.array(ok))
-        rows = rows.select(schema.names).cast(schema)
-        written = lance.fragment.write_fragments(rows, cfg.output, schema=schema, storage_options=cfg.out_options)
-        fragments = [f.to_json() for f in written]
     report = _shard_report(batch, ok)
+    codes, uris = _shard_codes(batch)
+    for code, uri in enumerate(uris):
+        mine = ok & (codes == code)
+        if mine.any():
+            rows = batch.filter(pa.array(mine)).select(schema.names).cast(schema)
+            written = lance.fragment.write_fragments(rows, cfg.output, schema=schema, storage_options=cfg.out_options)
+            report[uri]["fragments"] = [f.to_json() for f in written]
     times = {c: float(pc.sum(batch.column(c)).as_py() or 0.0) for c in ("_t_read", "_t_pre", "_t_enc")}
     times["_t_write"] = time.perf_counter() - start
     return pa.table({
-        "report": [json.dumps({"fragments": fragments, "shards": report})],
+        "report": [json.dumps({"shards": report})],
         "rows": [int(ok.sum())],
         **{k: [v] for k, v in times.items()},
     })
 
 
+def _shard_codes(batch: pa.Table) -> tuple[np.ndarray, list[str]]:
+    """Each row's shard as a code into the list of the batch's shard URIs."""
+    shard_ids = batch.column("shard").combine_chunks().dictionary_encode()
+    return shard_ids.indices.to_numpy(zero_copy_only=False), shard_ids.dictionary.to_pylist()
+
+
 def _shard_report(batch: pa.Table, ok: np.ndarray) -> dict:
     """Per shard in the batch: record count, version, positions written, skipped records, error."""
     positions = batch.column("_pos").to_numpy()
-    shard_ids = batch.column("shard").combine_chunks().dictionary_encode()
-    codes = shard_ids.indices.to_numpy(zero_copy_only=False)
+    codes, uris = _shard_codes(batch)
     report: dict[str, dict[str, Any]] = {}
-    for code, uri in enumerate(shard_ids.dictionary.to_pylist()):
+    for code, uri in enumerate(uris):
         mine = codes == code
         first = int(np.argmax(mine))
         entry = {"total": int(batch.column("_total")[first].as_py()),
-                 "version": batch.column("_version")[first].as_py(), "skipped": [], "error": None}
+                 "version": batch.column("_version")[first].as_py(), "skipped": [], "error": None,
+                 "fragments": []}
         for text in pc.drop_null(batch.column("_skipped").filter(pa.array(mine))).to_pylist():
             entry["skipped"].extend(json.loads(text))
         placeholder = mine & (positions < 0)
@@ -380,31 +412,40 @@ def embed_shards(batch: pa.Table, cfg: PlanConfig, schema: pa.Schema) -> Iterato
         yield write_fragments(encode(preprocess(chunk, cfg), cfg), cfg, schema)
 
 
-def build_plan(shards: Sequence[Shard], cfg: PlanConfig, schema: pa.Schema, actors: int,
-               gpus_per_actor: float | None, batch_rows: int, preprocessor: Any = None) -> ray.data.Dataset:
+def build_plan(shards: Sequence[Shard], cfg: PlanConfig, schema: pa.Schema, layout: Layout, batch_rows: int,
+               preprocessor: Any = None, device: str = "auto") -> ray.data.Dataset:
     """The Ray Data plan over ``shards``: one report row per written fragment (see the module doc).
 
-    ``gpus_per_actor`` None: no encoder actors; all stages run in up to ``actors`` concurrent
-    CPU tasks, one shard each. Otherwise (0 included) the staged layout: CPU tasks read and
-    preprocess (with ``preprocessor``, the encoder's picklable CPU half, when it has one),
-    ``actors`` encoder actors embed batches of ``batch_rows`` rows, and CPU tasks write
-    fragments of ``cfg.chunk_rows`` rows.
+    ``layout.gpus_per_actor`` None: no encoder actors; all stages run in up to ``layout.tasks``
+    concurrent CPU tasks, one shard each. Otherwise (0 included) the staged layout: CPU tasks read
+    and preprocess (with ``preprocessor``, the encoder's picklable CPU half, when it has one), a
+    pool of ``layout.min_actors``..``max_actors`` encoder actors (``initial_actors`` asked for at
+    start, so an autoscaler starts their nodes) embeds batches of ``batch_rows`` rows on
+    ``device``, and CPU tasks write fragments of ``cfg.chunk_rows`` rows.
     """
     items = ray.data.from_items([asdict(s) for s in shards], override_num_blocks=len(shards))
-    if gpus_per_actor is None:
+    if layout.gpus_per_actor is None:
+        tasks = max(1, min(layout.tasks or len(shards), len(shards)))
         plan = items.map_batches(embed_shards, fn_kwargs={"cfg": cfg, "schema": schema}, batch_size=1,
-                                 batch_format="pyarrow", concurrency=max(1, min(actors, len(shards))))
+                                 batch_format="pyarrow", compute=ray.data.TaskPoolStrategy(size=tasks))
         # one operator, nothing to reserve resources against: start every task at once
         # (with the reservation on, Ray Data runs one task until the first one finishes)
         plan.context.op_resource_reservation_enabled = False
         return plan
     pre_ref = ray.put(preprocessor) if preprocessor is not None else None
+    pool = ray.data.ActorPoolStrategy(min_size=layout.min_actors, max_size=layout.max_actors,
+                                      initial_size=layout.initial_actors)
+    # encoder actors are costly to start (a model each, often a GPU node to boot): once asked
+    # for, keep them. Ray Data's utilisation-based downscaling would cancel actors still pending
+    # on nodes the autoscaler is starting, which it then counts as actors that died at start.
+    items.context.autoscaling_config = replace(items.context.autoscaling_config,
+                                               actor_pool_util_downscaling_threshold=0.0)
     return (
         items.map_batches(read_and_preprocess, fn_kwargs={"cfg": cfg, "preprocessor": pre_ref}, batch_size=1,
                           batch_format="pyarrow")
-        .map_batches(Encode, fn_constructor_kwargs={"cfg": cfg}, batch_size=batch_rows,
-                     batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-                     num_gpus=gpus_per_actor, num_cpus=0)  # its CPUs are left to the tokenising tasks
+        .map_batches(Encode, fn_constructor_kwargs={"cfg": cfg, "device": device}, batch_size=batch_rows,
+                     batch_format="pyarrow", compute=pool,
+                     num_gpus=layout.gpus_per_actor, num_cpus=0)  # its CPUs are left to the tokenising tasks
         .map_batches(write_fragments, fn_kwargs={"cfg": cfg, "schema": schema},
                      batch_size=cfg.chunk_rows, batch_format="pyarrow")
     )

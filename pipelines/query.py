@@ -3,6 +3,7 @@
     python pipelines/query.py "parse json fast" --dataset data/docstrings.lance --k 10
     python pipelines/query.py "http client" "orm" --dataset s3://bucket/pypi.lance \\
         --storage-option aws_region=us-east-1 --columns name,summary --exact
+    python pipelines/query.py "read a csv file" --dataset data/docstrings.lance --where "text LIKE '%pandas%'"
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipelines.cli import configure_logging, key_value
+from pipelines.cli import HelpFormatter, configure_logging, error_line, key_value
 
 DEFAULT_HIDDEN = ("id", "shard")
 
@@ -19,7 +20,7 @@ DEFAULT_HIDDEN = ("id", "shard")
 def build_parser() -> argparse.ArgumentParser:
     """The CLI."""
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
     )
     p.add_argument("queries", nargs="+", help="query texts (encoded with the dataset's own encoder)")
     p.add_argument("--dataset", required=True, help="Lance dataset URI")
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--funnel", default="auto",
                    help="'auto' (the index's calibrated schedule), 'paper', or e.g. '64:1000,128:200,256'")
     p.add_argument("--exact", action="store_true", help="brute-force full-dim search (the reference) instead")
+    p.add_argument("--where", metavar="SQL",
+                   help="Lance SQL filter, e.g. \"section = 'python'\": the best k among the rows it matches")
     p.add_argument("--columns", help="comma-separated dataset columns to show "
                    "(default: every column but id, shard and the embeddings)")
     p.add_argument("--index-uri", help="where the index lives (default: <dataset>.indexes)")
@@ -57,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        if c not in DEFAULT_HIDDEN and not c.startswith(EMB_PREFIX)]
         else:
             columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-        table = corpus.search(args.queries, k=args.k, funnel=args.funnel, columns=columns, exact=args.exact)
+        table = corpus.search(args.queries, k=args.k, funnel=args.funnel, columns=columns, exact=args.exact,
+                              where=args.where)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
     frame = table.to_pandas()
     if args.format == "csv":

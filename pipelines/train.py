@@ -22,7 +22,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mrl_core.defaults import ENCODER
+from mrl_core.device import DEVICES, DeviceError, local_gpu_count, resolve_device
 from mrl_core.training import (
     AdaptorJob,
     ClassifierJob,
@@ -32,7 +35,7 @@ from mrl_core.training import (
     run_adaptor_job,
     run_classifier_job,
 )
-from pipelines.cli import configure_logging
+from pipelines.cli import configure_logging, error_line
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +68,15 @@ def _fit_args(
     r.add_argument("--local", action="store_true",
                    help="train in this process without Ray (otherwise Ray Train's TorchTrainer)")
     r.add_argument("--num-workers", type=int, default=None,
-                   help="Ray Train workers (default: one per GPU of the cluster, "
+                   help="Ray Train workers (default: one per GPU the cluster has or can get, "
                    "else 1 CPU worker)")
     r.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
-                   help="give each Ray worker a GPU (default: when the cluster has GPUs)")
+                   help="give each Ray worker a GPU (default: when the cluster has GPUs or GPU "
+                   "node types its autoscaler can start)")
+    r.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the model trains: auto (the GPU each worker holds; --local: this "
+                   "machine's GPU; a GPU torch cannot use stops the job before anything is written), "
+                   "cuda, or cpu (on purpose, also in workers that hold a GPU)")
     r.add_argument("--max-failures", type=int, default=1,
                    help="Ray Train restarts after a worker failure, resuming from the checkpoint")
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: local Ray)")
@@ -217,13 +225,17 @@ def run(job: ClassifierJob | AdaptorJob, runner: Runner | None = None) -> dict[s
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function: the same job, with DDP and Ray's checkpoints."""
+    """Ray Train's per-worker function: the same job, with DDP and Ray's checkpoints, on the
+    device ``config["device"]`` resolves to with the GPU Ray gave this worker."""
     import tempfile
 
     import ray.train
     import ray.train.torch
 
+    from pipelines.gpu_check import worker_device
+
     configure_logging(verbose=config.get("verbose", False))
+    device = worker_device(config.get("device", "auto"), what="training")
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     checkpoint = ray.train.get_checkpoint()
@@ -239,11 +251,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if checkpoint is not None:
             resume_from = Path(checkpoint.to_directory(tmp))
         runner = Runner(
-            rank=rank, world_size=ctx.get_world_size(), device=ray.train.torch.get_device(),
-            prepare_model=ray.train.torch.prepare_model if ctx.get_world_size() > 1 else None,
+            rank=rank, world_size=ctx.get_world_size(), device=device,
+            prepare_model=_data_parallel(device) if ctx.get_world_size() > 1 else None,
             report=report, resume_from=resume_from,
         )
         run(config["job"], runner)
+
+
+def _data_parallel(device: torch.device) -> Any:
+    """How a worker wraps its model for DDP: Ray's ``prepare_model`` on CUDA, plain DDP on the CPU
+    (Ray's would pin a CPU model to the worker's GPU under ``--device cpu``)."""
+    import ray.train.torch
+
+    if device.type == "cuda":
+        return ray.train.torch.prepare_model
+    return lambda model: torch.nn.parallel.DistributedDataParallel(model)
 
 
 class _null:
@@ -255,23 +277,34 @@ class _null:
 
 
 def run_ray(job: ClassifierJob | AdaptorJob, args: argparse.Namespace) -> None:
-    """Run ``job`` under Ray Train's ``TorchTrainer`` (data-parallel; one CPU worker without
-    GPUs)."""
+    """Run ``job`` under Ray Train's ``TorchTrainer``: one worker per GPU the cluster has or can
+    get (``pipelines.layout.train_layout``), one CPU worker without GPUs. Workers that hold GPUs
+    are checked first (``--device`` auto/cuda): a GPU torch cannot use stops the job here."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.gpu_check import check_gpu_slot
+    from pipelines.layout import read_capacity, train_layout
 
     ray.init(address=args.ray_address, ignore_reinit_error=True)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = args.use_gpu if args.use_gpu is not None else gpus > 0
-    workers = args.num_workers or (max(gpus, 1) if use_gpu else 1)
+    cap = read_capacity()
+    workers, use_gpu = train_layout(cap, args.num_workers, args.use_gpu)
+    log.info(f"cluster: {cap.describe()}; {workers} Ray Train worker(s){' with a GPU each' if use_gpu else ''}")
+    if use_gpu and args.device != "cpu":
+        log.info(f"GPU check: {check_gpu_slot(1, args.device, what='training')}")
+    elif not use_gpu and args.device == "cuda":
+        raise DeviceError("--device cuda, but the workers hold no GPU (the cluster has no GPU capacity, "
+                          "or --no-use-gpu); pass --device auto or cpu")
+    Path(job.out).mkdir(parents=True, exist_ok=True)
     out = Path(job.out).resolve()
     if isinstance(job, AdaptorJob):  # embed and mine once, on the driver; workers read the cache
         prepare_adaptor_data(job)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "verbose": args.verbose},
+        train_loop_config={"job": job, "verbose": args.verbose, "device": args.device},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu and args.device != "cpu" else "gloo"),
         run_config=RunConfig(
             name="ray", storage_path=str(out),
             failure_config=FailureConfig(max_failures=args.max_failures),
@@ -286,13 +319,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
     job = job_from_args(args)
-    Path(job.out).mkdir(parents=True, exist_ok=True)
-    if args.local:
-        result = run(job)
-        print(json.dumps(result, indent=2))
-    else:
-        job.out = str(Path(job.out).resolve())
-        run_ray(job, args)
+    try:
+        if args.local:
+            device = resolve_device(args.device, local_gpu_count() > 0, what="training")
+            Path(job.out).mkdir(parents=True, exist_ok=True)
+            result = run(job, Runner(device=device))
+            print(json.dumps(result, indent=2))
+        else:
+            job.out = str(Path(job.out).resolve())
+            run_ray(job, args)
+    except DeviceError as exc:
+        print(f"error: {error_line(exc)}", file=sys.stderr)
+        return 1
     eval_file = Path(job.out) / "eval.json"
     if eval_file.is_file():
         log.info(f"evaluation: {eval_file}")

@@ -149,16 +149,18 @@ def write_corpus(
     rows_per_file: int = 16_384,
     shard: str = "shard-0",
     mode: str = "create",
+    key: int = 1,
 ):
     """Write a Lance dataset exactly as the embed pipeline does (ids, shard, text, emb_<d>, mrl.info)."""
     import lance
 
+    from mrl_core.settings import EmbedSettings
     from mrl_core.storage import INFO_KEY, DatasetInfo, derive_ids, embedding_arrays, make_schema
 
     n = len(embeddings)
     schema = make_schema(dims, "float16", [pa.field("text", pa.string())])
     columns = {
-        "id": pa.array(derive_ids(shard, np.arange(n)), pa.int64()),
+        "id": pa.array(derive_ids(key, np.arange(n)), pa.int64()),
         "shard": pa.array([shard] * n),
         "text": pa.array(texts if texts is not None else [f"row {i}" for i in range(n)]),
         **embedding_arrays(embeddings, dims),
@@ -169,7 +171,8 @@ def write_corpus(
     )
     if mode == "create":
         trained = tuple(d for d in (64, 128, 256) if d in dims)
-        info = DatasetInfo(encoder, fingerprint, max(dims), dims, trained)
+        settings = EmbedSettings(encoder=encoder, dims=dims, keep=("text",))
+        info = DatasetInfo(settings, fingerprint, max(dims), trained, kept_types={"text": "string"})
         ds.update_config({INFO_KEY: info.to_json()})
     return lance.dataset(uri, storage_options=storage_options)
 

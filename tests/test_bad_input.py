@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from mrl_core import Corpus
 from mrl_core.settings import EmbedSettings
 from mrl_core.sources import Shard, ShardError, format_of, read_shard
-from mrl_core.storage import StorageError, derive_ids, embedding_arrays, read_ledger
+from mrl_core.storage import StorageError, embedding_arrays, ids_of_rows, read_ledger
 from pipelines.embed import EmbedConfig, EmbedError, run_embed
 
 UNICODE_EDGE_CASES = [
@@ -361,8 +361,8 @@ def test_embed_job_with_every_kind_of_bad_input(tmp_path, local_ray):
     assert {p for s, p, _ in summary.skipped_examples if s.endswith("e.jsonl")} == e_skipped
     ds = lance.dataset(out)
     assert set(read_ledger(ds)) == {str(src / "a.parquet"), str(src / "e.jsonl")}
-    expected = np.concatenate([derive_ids(str(src / "a.parquet"), np.arange(30)),
-                               derive_ids(str(src / "e.jsonl"), np.array(e_good))])
+    expected = np.concatenate([ids_of_rows(ds, str(src / "a.parquet"), np.arange(30)),
+                               ids_of_rows(ds, str(src / "e.jsonl"), np.array(e_good))])
     table = ds.to_table()
     np.testing.assert_array_equal(np.sort(table["id"].to_numpy()), np.sort(expected))
     for name in ("emb_64", "emb_128", "emb_256"):
@@ -370,7 +370,7 @@ def test_embed_job_with_every_kind_of_bad_input(tmp_path, local_ray):
         assert np.isfinite(vectors).all()
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=3e-3)
     urls = dict(zip(table["id"].to_pylist(), table["url"].to_pylist()))
-    e_ids = derive_ids(str(src / "e.jsonl"), np.array([4, 5]))
+    e_ids = ids_of_rows(ds, str(src / "e.jsonl"), np.array([4, 5]))
     assert [urls[int(i)] for i in e_ids] == ['{"k": 1}', "5"]
 
     (src / "b.parquet").write_bytes(GOOD_PARQUET)  # fix one broken shard; re-run

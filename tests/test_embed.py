@@ -19,7 +19,7 @@ import ray
 
 from mrl_core.encoders import get_encoder
 from mrl_core.settings import EmbedSettings
-from mrl_core.storage import derive_ids, emb_column, read_info, read_ledger
+from mrl_core.storage import derive_ids, emb_column, ids_of_rows, read_info, read_ledger
 from pipelines.embed import EmbedConfig, EmbedError, main, run_embed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,10 @@ def ids_of(uri: str, storage_options=None) -> np.ndarray:
     return np.sort(lance.dataset(uri, storage_options=storage_options).to_table(columns=["id"])["id"].to_numpy())
 
 
-def expected_ids(shards: dict[str, int]) -> np.ndarray:
-    return np.sort(np.concatenate([derive_ids(uri, np.arange(n)) for uri, n in shards.items()]))
+def expected_ids(shards: dict[str, int], out: str, storage_options=None) -> np.ndarray:
+    """Every record's id once: each shard's ledger key in the high bits, its position below."""
+    ds = lance.dataset(out, storage_options=storage_options)
+    return np.sort(np.concatenate([ids_of_rows(ds, uri, np.arange(n)) for uri, n in shards.items()]))
 
 
 def test_local_end_to_end_all_formats(tmp_path):
@@ -61,16 +63,21 @@ def test_local_end_to_end_all_formats(tmp_path):
     (src / "d.txt").write_text("\n".join(texts(40, 4)) + "\n")
     out = str(tmp_path / "out.lance")
 
-    summary = run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)),
+    # every format has the text: keeping the text column itself works for all four
+    summary = run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("text",)),
                                     commit_every=2, progress=False))
 
     assert summary.rows_written == 590 and summary.shards_done == 4 and not summary.shards_failed
     ds = lance.dataset(out)
-    assert ds.schema.names == ["id", "shard", "url", "emb_64", "emb_128", "emb_256"]
+    assert ds.schema.names == ["id", "shard", "text", "emb_64", "emb_128", "emb_256"]
     assert ds.schema.field("emb_64").type == pa.list_(pa.float16(), 64)
     sizes = {str(src / "a.parquet"): 300, str(src / "b.parquet"): 200, str(src / "c.jsonl"): 50,
              str(src / "d.txt"): 40}
-    np.testing.assert_array_equal(ids_of(out), expected_ids(sizes))
+    kept = ds.to_table(columns=["id", "text"], filter=f"shard = '{src / 'a.parquet'}'")
+    by_id = dict(zip(kept["id"].to_pylist(), kept["text"].to_pylist()))
+    a_ids = ids_of_rows(ds, str(src / "a.parquet"), np.arange(300))
+    assert [by_id[int(i)] for i in a_ids] == corpus  # the stored text is the embedded one
+    np.testing.assert_array_equal(ids_of(out), expected_ids(sizes, out))
     # each stored prefix is the encoder's prefix, normalised on its own
     table = ds.to_table(filter=f"shard = '{src / 'a.parquet'}'")
     order = np.argsort(table["id"].to_numpy())
@@ -86,15 +93,14 @@ def test_local_end_to_end_all_formats(tmp_path):
     assert set(read_ledger(ds)) == set(sizes)
 
     # a second run finds everything committed and writes nothing
-    again = run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)), progress=False))
+    again = run_embed(EmbedConfig(input=str(src), output=out, progress=False))  # settings: the dataset's
     assert again.rows_written == 0 and again.shards_skipped_committed == 4
-    np.testing.assert_array_equal(ids_of(out), expected_ids(sizes))
+    np.testing.assert_array_equal(ids_of(out), expected_ids(sizes, out))
 
     # a new shard is added exactly once
     write_parquet(src / "e.parquet", 30, 5)
-    assert run_embed(EmbedConfig(input=str(src), output=out, settings=EmbedSettings(keep=("url",)),
-                                 progress=False)).rows_written == 30
-    np.testing.assert_array_equal(ids_of(out), expected_ids({**sizes, str(src / "e.parquet"): 30}))
+    assert run_embed(EmbedConfig(input=str(src), output=out, progress=False)).rows_written == 30
+    np.testing.assert_array_equal(ids_of(out), expected_ids({**sizes, str(src / "e.parquet"): 30}, out))
 
     # LanceDB opens the output and searches an emb_<d> column
     import lancedb
@@ -102,7 +108,7 @@ def test_local_end_to_end_all_formats(tmp_path):
     tbl = lancedb.connect(str(tmp_path)).open_table("out")
     hits = tbl.search(reference[0, :64] / np.linalg.norm(reference[0, :64]), vector_column_name="emb_64") \
         .metric("cosine").limit(3).to_arrow()
-    assert hits["id"][0].as_py() == derive_ids(str(src / "a.parquet"), np.array([0]))[0]
+    assert hits["id"][0].as_py() == ids_of_rows(lance.dataset(out), str(src / "a.parquet"), np.array([0]))[0]
 
 
 def test_staged_layout_matches_the_fused_cpu_layout(tmp_path):
@@ -132,7 +138,8 @@ def test_refuses_to_mix_encoders(tmp_path):
     out = str(tmp_path / "o.lance")
     run_embed(EmbedConfig(input=str(tmp_path / "a.parquet"), output=out, progress=False))
     write_parquet(tmp_path / "b.parquet", 20, 2)
-    with pytest.raises(ValueError, match="refusing to add embeddings from 'wordllama-128'"):
+    conflict = "--encoder: the dataset has 'wordllama-256', this run asks for 'wordllama-128'"
+    with pytest.raises(ValueError, match=conflict):
         run_embed(EmbedConfig(input=str(tmp_path), output=out, settings=EmbedSettings(encoder="wordllama-128"),
                               progress=False))
     assert lance.dataset(out).count_rows() == 20
@@ -177,8 +184,8 @@ def test_bad_records_are_skipped_and_reported_by_shard_and_row(tmp_path):
     assert len(read_ledger(ds)) == 3
     kept = ids_of(out)
     a = str(src / "a.parquet")
-    assert set(derive_ids(a, np.array([0, 4]))) <= set(kept)
-    assert not set(derive_ids(a, np.array([1, 2, 3, 5]))) & set(kept)
+    assert set(ids_of_rows(ds, a, np.array([0, 4]))) <= set(kept)
+    assert not set(ids_of_rows(ds, a, np.array([1, 2, 3, 5]))) & set(kept)
 
 
 def test_corrupt_shard_fails_by_default_and_keeps_committed_shards(tmp_path):
@@ -222,11 +229,11 @@ def test_rows_left_by_an_interrupted_commit_are_replaced_not_duplicated(tmp_path
     ds = lance.dataset(out)
     half = ds.to_table(limit=12).to_pylist()
     for i, row in enumerate(half):
-        row["id"], row["shard"] = int(derive_ids(shard_b, np.array([i]))[0]), shard_b
+        row["id"], row["shard"] = int(derive_ids(2, np.array([i]))[0]), shard_b  # b's key would be 2
     lance.write_dataset(pa.Table.from_pylist(half, schema=ds.schema), out, mode="append")
     summary = run_embed(EmbedConfig(input=str(src), output=out, progress=False))
-    assert summary.rows_deleted_uncommitted == 12
-    np.testing.assert_array_equal(ids_of(out), expected_ids({str(src / "a.parquet"): 40, shard_b: 25}))
+    assert summary.rows_replaced == 12
+    np.testing.assert_array_equal(ids_of(out), expected_ids({str(src / "a.parquet"): 40, shard_b: 25}, out))
 
 
 def test_resume_after_the_job_is_killed_mid_way(tmp_path):
@@ -259,7 +266,7 @@ def test_resume_after_the_job_is_killed_mid_way(tmp_path):
     assert 0 < len(committed) < 40, "kill landed after the job finished; make the job longer"
     summary = run_embed(EmbedConfig(input=str(src), output=out, progress=False))
     assert summary.shards_skipped_committed == len(committed)
-    np.testing.assert_array_equal(ids_of(out), expected_ids(sizes))
+    np.testing.assert_array_equal(ids_of(out), expected_ids(sizes, out))
 
 
 def test_s3_input_and_output_through_moto(s3_endpoint, make_bucket, tmp_path):
@@ -277,7 +284,7 @@ def test_s3_input_and_output_through_moto(s3_endpoint, make_bucket, tmp_path):
                                     settings=EmbedSettings(keep=("url",)),
                                     storage_options=opts, progress=False))
     assert summary.rows_written == 120
-    expected = expected_ids({f"{bucket}/corpus/s{i}.parquet": 40 for i in range(3)})
+    expected = expected_ids({f"{bucket}/corpus/s{i}.parquet": 40 for i in range(3)}, out, opts)
     np.testing.assert_array_equal(ids_of(out, opts), expected)
     assert run_embed(EmbedConfig(input=f"{bucket}/corpus/*.parquet", output=out, settings=EmbedSettings(keep=("url",)),
                                  storage_options=opts, progress=False)).rows_written == 0

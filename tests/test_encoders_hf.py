@@ -183,12 +183,38 @@ def test_input_errors(ckpt: Path) -> None:
         enc.encode(["fox", None])
     with pytest.raises(ValueError, match="empty"):
         enc.encode([])
-    with pytest.raises(TypeError, match="not a single str"):
-        enc.encode("fox")
     with pytest.raises(TypeError, match="input 0 is int"):
         enc.encode_queries([3])
+    with pytest.raises(ValueError, match="dim=64"):
+        enc.encode(["fox"], dim=64)
     with pytest.raises(ValueError, match="pooling"):
-        _load(ckpt, pooling="max")
+        _load(ckpt, pooling="median")
+
+
+def test_single_text_and_prefix_dim(ckpt: Path) -> None:
+    enc = _load(ckpt, query_prefix="search query: ")
+    one = enc.encode("fox")
+    assert one.shape == (1, 32)
+    np.testing.assert_allclose(one[0], enc.encode(TEXTS)[2], atol=1e-6)
+    assert enc.encode_queries("fox").shape == (1, 32)
+    for dim in (8, 16, 32):
+        got = enc.encode_queries(TEXTS, dim=dim)
+        full = enc.encode_queries(TEXTS)[:, :dim]
+        np.testing.assert_allclose(got, full / np.linalg.norm(full, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_max_lasttoken_and_weighted_mean_pooling(ckpt: Path, reference) -> None:
+    hidden, mask = _hidden(reference, TEXTS)
+    lengths = mask.sum(1)
+    rows = torch.arange(len(TEXTS))
+    weights = mask.float() * torch.arange(1, mask.shape[1] + 1)
+    expected = {
+        "max": hidden.masked_fill(mask[..., None] == 0, -torch.inf).amax(1),
+        "lasttoken": hidden[rows, lengths - 1],
+        "weightedmean": (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True),
+    }
+    for mode, want in expected.items():
+        np.testing.assert_allclose(_load(ckpt, pooling=mode).encode(TEXTS), want.numpy(), atol=1e-5)
 
 
 def test_loading_errors(ckpt: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from wordllama.inference import WordLlamaInference
 
 from mrl_core.encoders import get_encoder
 from mrl_core.encoders.base import budget_batches
+from mrl_core.nesting import l2_normalize
 
 TEXTS = [
     "hello world",
@@ -134,9 +135,27 @@ def test_nesting_dim_above_model_dim_is_named():
         ([], ValueError, "empty input list"),
         (["ok", None], TypeError, "input 1 is None"),
         (["ok", 3], TypeError, "input 1 is int"),
-        ("a bare string", TypeError, "not a single str"),
     ],
 )
 def test_bad_inputs_are_named(encoder, inputs, error, message):
     with pytest.raises(error, match=message):
         encoder.encode(inputs)
+
+
+def test_a_single_string_is_one_row(encoder):
+    one = encoder.encode("hello world")
+    assert one.shape == (1, 256)
+    np.testing.assert_array_equal(one, encoder.encode(["hello world"]))
+    with pytest.raises(TypeError, match="not a single str"):  # the CPU half that pipelines ship takes lists
+        encoder.preprocess("hello world")
+
+
+def test_dim_gives_the_normalised_prefix(encoder):
+    full = encoder.encode(TEXTS)
+    for dim in (*encoder.nesting.dims, 100):  # any prefix, not only the trained ones
+        got = encoder.encode(TEXTS, dim=dim)
+        assert got.shape == (len(TEXTS), dim)
+        np.testing.assert_allclose(got, l2_normalize(full[:, :dim]), rtol=1e-6, atol=1e-7)
+    for bad in (0, 257, -1, True, 64.0):
+        with pytest.raises(ValueError, match=rf"dim={bad!r}.*1\.\.256"):
+            encoder.encode(TEXTS, dim=bad)

@@ -25,7 +25,7 @@ import ray
 from faultproxy import FaultProxy
 from ray.cluster_utils import Cluster
 
-from mrl_core.storage import derive_ids, read_ledger
+from mrl_core.storage import ids_of_rows, read_ledger
 from pipelines.embed import EmbedConfig, run_embed
 
 pytestmark = pytest.mark.slow
@@ -87,7 +87,8 @@ def upload_corpus(bucket: str, s3_endpoint: dict, tmp_path: Path, shards: int, r
 
 def assert_exactly_once(out: str, sizes: dict[str, int]) -> None:
     ids = lance.dataset(out).to_table(columns=["id"])["id"].to_numpy()
-    expected = np.concatenate([derive_ids(uri, np.arange(n)) for uri, n in sizes.items()])
+    ds = lance.dataset(out)
+    expected = np.concatenate([ids_of_rows(ds, uri, np.arange(n)) for uri, n in sizes.items()])
     assert len(ids) == len(expected), f"{len(ids)} rows for {len(expected)} input records"
     np.testing.assert_array_equal(np.sort(ids), np.sort(expected))
     assert set(read_ledger(lance.dataset(out))) == set(sizes)

@@ -30,7 +30,7 @@ from mrl_core.index_store import (
     read_current,
 )
 from mrl_core.sources import ShardError, list_shards, read_shard
-from mrl_core.storage import derive_ids, read_ledger
+from mrl_core.storage import derive_ids, ids_of_rows, read_ledger
 from pipelines.embed import EmbedConfig, EmbedError, run_embed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_lance_dataset_and_index_through_a_flaky_endpoint(proxy, s3_endpoint, bu
     hits = corpus.search(emb[:20], k=5)
     assert manifest.rows == 1500 and hits.num_rows == 100
     top = hits.filter(pa.compute.equal(hits["rank"], 1))["id"].to_numpy()
-    np.testing.assert_array_equal(top, derive_ids("shard-0", np.arange(20)))
+    np.testing.assert_array_equal(top, derive_ids(1, np.arange(20)))
     assert proxy.injected > 10
 
 
@@ -156,7 +156,7 @@ def test_embed_end_to_end_through_a_flaky_slow_endpoint(proxy, s3_endpoint, buck
     proxy.clear()
     ds = lance.dataset(out, storage_options=base)
     ids = ds.to_table(columns=["id"])["id"].to_numpy()
-    expected = np.concatenate([derive_ids(u, np.arange(n)) for u, n in sizes.items()])
+    expected = np.concatenate([ids_of_rows(ds, u, np.arange(n)) for u, n in sizes.items()])
     np.testing.assert_array_equal(np.sort(ids), np.sort(expected))
     assert set(read_ledger(ds)) == set(sizes) and summary.rows_written == 240
     assert injected > 5
@@ -286,7 +286,7 @@ def test_crash_while_publishing_an_index_keeps_the_previous_version(point, index
     corpus = Corpus.open(uri)
     assert corpus.manifest.version == before
     hits = corpus.search(emb[:3], k=3)
-    assert hits["id"].to_pylist()[::3] == derive_ids("shard-0", np.arange(3)).tolist()
+    assert hits["id"].to_pylist()[::3] == derive_ids(1, np.arange(3)).tolist()
     debris = list_versions(index_uri)[-1]
     assert debris != before
     if point != "swap":  # a half-published version cannot be loaded by mistake
@@ -297,6 +297,6 @@ def test_crash_while_publishing_an_index_keeps_the_previous_version(point, index
 
     after = build_index(uri, funnel="paper", calibration_queries=20)
     assert read_current(index_uri) == after.version > debris
-    assert Corpus.open(uri).search(emb[:1], k=1)["id"].to_pylist() == derive_ids("shard-0", np.arange(1)).tolist()
+    assert Corpus.open(uri).search(emb[:1], k=1)["id"].to_pylist() == derive_ids(1, np.arange(1)).tolist()
     prune_versions(index_uri, keep=1)  # the debris goes with the old versions
     assert list_versions(index_uri) == [after.version]

@@ -19,6 +19,7 @@ from mrl_core.index import (
     train_index,
 )
 from mrl_core.index_store import (
+    CLAIM,
     CURRENT,
     MANIFEST,
     TIER0_FILE,
@@ -177,7 +178,7 @@ def test_index_round_trips_through_s3(s3_endpoint, make_bucket, corpus_writer, t
     assert read_current(index_uri, options) == manifest.version
     fs = objectstore.filesystem(index_uri, options)
     listed = sorted(p.rsplit("/", 1)[-1] for p in fs.find(index_uri))
-    assert listed == sorted([CURRENT, MANIFEST, TIER0_FILE])
+    assert listed == sorted([CLAIM, CURRENT, MANIFEST, TIER0_FILE])
     index, loaded = load_index(index_uri, storage_options=options)
     assert loaded == manifest and index.ntotal == 2000
 

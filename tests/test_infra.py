@@ -444,8 +444,7 @@ def test_the_three_cluster_specs_are_one():
 
 
 def test_ray_pods_run_as_the_project_service_account():
-    (account,) = _docs(KUBERAY / "serviceaccount.yaml")
-    assert account["kind"] == "ServiceAccount"
+    (account,) = [d for d in _docs(KUBERAY / "serviceaccount.yaml") if d["kind"] == "ServiceAccount"]
     ((_, cluster),) = _of_kind("RayCluster")
     spec = cluster["spec"]
     for template in [spec["headGroupSpec"]["template"]] + [
@@ -456,6 +455,72 @@ def test_ray_pods_run_as_the_project_service_account():
             assert {"secretRef": {"name": "mrl-embed-object-store", "optional": True}} in container[
                 "envFrom"
             ]
+
+
+# --------------------------------------------------------------------------------------
+# Every shipped cluster's GPUs are used with default flags: the sizing (pipelines/layout.py)
+# fed each cluster's node types, as its autoscaler sees them, asks for GPU actors.
+
+
+def _launcher_node_types(name: str):
+    from ray.autoscaler._private.util import prepare_config
+
+    from pipelines.layout import node_types_from_config
+
+    prepared = prepare_config(copy.deepcopy(_load(INFRA / name)))
+    return node_types_from_config(prepared), prepared["max_workers"]
+
+
+def _kuberay_node_types(spec: dict):
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    from pipelines.layout import node_types_from_config
+
+    config = _derive_autoscaling_config_from_ray_cr({"metadata": {"name": "mrl-embed", "namespace": "default"},
+                                                     "spec": spec})
+    return node_types_from_config(config), config["max_workers"]
+
+
+def _shipped_clusters():
+    out = [(name, *_launcher_node_types(name)) for name in LAUNCHER_CONFIGS]
+    out += [(where, *_kuberay_node_types(doc["spec"])) for where, doc in _of_kind("RayCluster")]
+    out += [(where, *_kuberay_node_types(doc["spec"]["rayClusterSpec"])) for where, doc in _of_kind("RayJob")]
+    return out
+
+
+@pytest.mark.parametrize(("where", "node_types", "max_workers"), _shipped_clusters(),
+                         ids=[c[0] for c in _shipped_clusters()])
+def test_default_sizing_asks_every_shipped_cluster_for_its_gpus(where, node_types, max_workers):
+    from pipelines.layout import HEAD_MARKER, capacity, embed_layout, task_gpus, train_layout
+
+    head_up = [{HEAD_MARKER: 1.0, "CPU": 0.0}]  # at start only the head exists
+    cap = capacity(node_types, head_up, max_workers)
+    gpu_types = [t for t in node_types if t.resources.get("GPU", 0) >= 1 and t.max_workers]
+    assert gpu_types, f"{where}: no GPU node type"
+    layout = embed_layout(cap)
+    assert layout.gpus_per_actor == 1.0, f"{where}: {layout}"
+    want = sum(t.resources["GPU"] * t.max_workers for t in gpu_types)
+    assert layout.max_actors == layout.initial_actors == want >= 1, f"{where}: {layout}"
+    assert task_gpus(cap) >= 1 and train_layout(cap) == (want, True), where
+
+
+def test_entrypoints_leave_the_device_and_layout_to_the_defaults():
+    for where, job in _of_kind("RayJob"):
+        entrypoint = job["spec"]["entrypoint"]
+        for flag in ("--device", "--gpus-per-actor", "--actors", "--no-gpu", "--no-use-gpu"):
+            assert flag not in entrypoint, f"{where}: {flag} overrides the GPU layout"
+
+
+def test_ray_pods_may_read_their_raycluster():
+    """The head's driver reads the RayCluster's worker groups (pipelines/layout.py): the pods'
+    ServiceAccount needs get on rayclusters."""
+    docs = _docs(KUBERAY / "serviceaccount.yaml")
+    kinds = {d["kind"]: d for d in docs}
+    role, binding, account = kinds["Role"], kinds["RoleBinding"], kinds["ServiceAccount"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert {"kind": "ServiceAccount", "name": account["metadata"]["name"]} in binding["subjects"]
+    assert any("ray.io" in r["apiGroups"] and "rayclusters" in r["resources"] and "get" in r["verbs"]
+               for r in role["rules"])
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from mrl_core.ledger import CommitLog, decode_positions, encode_positions
 from mrl_core.nesting import NestingSpec, l2_normalize, prefix
 from mrl_core.objectstore import parse_seconds, redact
 from mrl_core.search import exact_search, merge_top_k, top_k
-from mrl_core.storage import POSITION_BITS, derive_ids, embedding_arrays, shard_key
+from mrl_core.storage import POSITION_BITS, assign_shard_keys, derive_ids, embedding_arrays, ledger_key
 
 SETTINGS = settings(max_examples=40, deadline=None)
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
@@ -93,21 +93,39 @@ def test_stored_prefixes_are_each_normalised_on_their_own(x, dtype, data):
 
 
 @SETTINGS
-@given(shards=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=5, unique=True),
+@given(legacy=st.lists(st.text(min_size=1, max_size=40), max_size=5, unique=True),
+       new=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=5, unique=True),
        positions=st.lists(st.integers(0, (1 << POSITION_BITS) - 1), min_size=1, max_size=50, unique=True))
-def test_ids_are_unique_stable_and_decodable(shards, positions):
+def test_ids_are_unique_stable_and_decodable(legacy, new, positions):
+    # a ledger with shards of pipeline 1 (keys hashed from the URI) and one sequential key
+    ledger = {s: {"rows": 1} for s in legacy}
+    ledger["seq"] = {"rows": 1, "key": 7}
+    new = [s for s in new if s not in ledger]
+    keys = assign_shard_keys(ledger, [*new, "seq"])
+    assert keys["seq"] == 7  # a committed shard keeps its key, so its rows keep their ids
+    every = [ledger_key(s, e) for s, e in ledger.items()] + [keys[s] for s in new]
+    assert len(set(every)) == len(every)  # never a collision, with legacy keys either
     pos = np.array(positions)
     all_ids = []
-    for s in shards:
-        ids = derive_ids(s, pos)
-        np.testing.assert_array_equal(ids, derive_ids(s, pos))  # stable
+    for key in every:
+        ids = derive_ids(key, pos)
+        np.testing.assert_array_equal(ids, derive_ids(key, pos))  # stable
         np.testing.assert_array_equal(ids & ((1 << POSITION_BITS) - 1), pos)
-        assert (ids >> POSITION_BITS == shard_key(s)).all() and (ids >= 0).all() and (ids != -1).all()
+        assert (ids >> POSITION_BITS == key).all() and (ids >= 0).all() and (ids != -1).all()
         all_ids.append(ids)
     merged = np.concatenate(all_ids)
     assert len(np.unique(merged)) == len(merged)
     with pytest.raises(ValueError, match="rows"):
-        derive_ids(shards[0], np.array([1 << POSITION_BITS]))
+        derive_ids(every[0], np.array([1 << POSITION_BITS]))
+
+
+def test_new_shard_keys_skip_a_legacy_key_they_would_collide_with():
+    """A legacy shard's hashed key that equals the next sequential key is never reused."""
+    forced = {"old": {"rows": 1, "key": 1}, "hashed": {"rows": 1}}
+    legacy_key = ledger_key("hashed", forced["hashed"])
+    ledger = {"old": forced["old"], "hashed": forced["hashed"], "seq": {"rows": 1, "key": legacy_key - 1}}
+    keys = assign_shard_keys(ledger, ["x", "y"])
+    assert legacy_key not in keys.values() and len({*keys.values(), legacy_key, 1, legacy_key - 1}) == 5
 
 
 @SETTINGS

@@ -23,7 +23,7 @@ import ray
 
 from mrl_core import Corpus
 from mrl_core.index_store import default_index_uri, list_versions, read_manifest
-from mrl_core.storage import derive_ids, read_ledger
+from mrl_core.storage import ids_of_rows, read_ledger
 from pipelines.reindex import ReindexConfig, main, run_reindex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,10 @@ def ids_of(uri: str) -> np.ndarray:
     return np.sort(lance.dataset(uri).to_table(columns=["id"])["id"].to_numpy())
 
 
-def expected(sizes: dict[Path, int]) -> np.ndarray:
-    return np.sort(np.concatenate([derive_ids(str(p), np.arange(n)) for p, n in sizes.items()]))
+def expected(sizes: dict[Path, int], out: str) -> np.ndarray:
+    """Every record's id once, from each shard's ledger key and its positions."""
+    ds = lance.dataset(out)
+    return np.sort(np.concatenate([ids_of_rows(ds, str(p), np.arange(n)) for p, n in sizes.items()]))
 
 
 def cfg(src: Path, out: str, **kw) -> ReindexConfig:
@@ -66,7 +68,7 @@ def test_reindex_follows_added_changed_and_removed_shards(tmp_path):
 
     first = run_reindex(cfg(src, out))
     assert first.index_action == "built" and len(first.shards_new) == 4
-    np.testing.assert_array_equal(ids_of(out), expected(sizes))
+    np.testing.assert_array_equal(ids_of(out), expected(sizes, out))
     assert read_manifest(default_index_uri(out)).rows == 1200
 
     # add one shard, change one (other content and size), remove one
@@ -75,13 +77,13 @@ def test_reindex_follows_added_changed_and_removed_shards(tmp_path):
     os.remove(src / "s3.parquet")
     sizes = {src / "s0.parquet": 300, src / "s1.parquet": 200, src / "s2.parquet": 300, src / "s4.parquet": 150}
 
-    second = run_reindex(cfg(src, out))
+    second = run_reindex(cfg(src, out, max_remove_fraction=0.5))  # a quarter of the rows goes
     assert second.shards_new == [str(src / "s4.parquet")]
     assert second.shards_changed == [str(src / "s1.parquet")]
     assert second.shards_removed == [str(src / "s3.parquet")]
-    assert second.rows_removed == 600 and second.rows_embedded == 350
+    assert second.rows_removed == 300 and second.rows_replaced == 300 and second.rows_embedded == 350
     assert second.index_action == "added" and second.recall >= 0.98
-    np.testing.assert_array_equal(ids_of(out), expected(sizes))
+    np.testing.assert_array_equal(ids_of(out), expected(sizes, out))
     assert set(read_ledger(lance.dataset(out))) == {str(p) for p in sizes}
     manifest = read_manifest(default_index_uri(out))
     assert manifest.rows == 950 and manifest.params["incremental_from"] == first.index_version
@@ -143,7 +145,7 @@ def test_queries_during_reindex_never_fail_or_mix_versions(tmp_path):
             write_shard(src / f"n{round_}.parquet", 200, 100 + round_)
             run_reindex(cfg(src, out))
             os.remove(src / "a.parquet") if round_ == 1 else None
-        run_reindex(cfg(src, out))
+        run_reindex(cfg(src, out, allow_mass_remove=True))  # a.parquet was half the rows
     finally:
         time.sleep(0.5)
         stop.set()
@@ -233,5 +235,5 @@ def test_embed_and_reindex_submitted_as_ray_jobs(ray_head, tmp_path):
     write_shard(src / "b.parquet", 50, 2)
     log = submit("pipelines/reindex.py", "--input", str(src), "--dataset", out, "--no-progress")
     assert "1 added, 0 changed, 0 removed" in log
-    np.testing.assert_array_equal(ids_of(out), expected({src / "a.parquet": 100, src / "b.parquet": 50}))
+    np.testing.assert_array_equal(ids_of(out), expected({src / "a.parquet": 100, src / "b.parquet": 50}, out))
     assert read_manifest(default_index_uri(out)).rows == 150

@@ -161,7 +161,7 @@ def test_shard_names_cannot_inject_sql(tmp_path):
     schema = make_schema((8,), "float16")
     tables = []
     for name in names:
-        ids = derive_ids(name, np.arange(3))
+        ids = derive_ids(names.index(name) + 1, np.arange(3))
         tables.append(pa.table({"id": ids, "shard": [name] * 3,
                                 **embedding_arrays(np.ones((3, 8), np.float32), (8,))}, schema=schema))
     lance.write_dataset(pa.concat_tables(tables), uri)
@@ -283,8 +283,8 @@ def test_credentials_never_printed_logged_or_stored(s3_endpoint, make_bucket, tm
 
 
 def test_local_outputs_stay_under_the_output_path(tmp_path):
-    """A local run writes only under the dataset path and its index path (and the system temp
-    dir, for Ray's session and the index build's scratch file)."""
+    """A local run writes only under the dataset path, its index path and its writer lease (and
+    the system temp dir, for Ray's session and the index build's scratch file)."""
     import ray
 
     from pipelines.embed import EmbedConfig, run_embed
@@ -304,5 +304,5 @@ def test_local_outputs_stay_under_the_output_path(tmp_path):
     finally:
         os.chdir(cwd)
     new = {p for p in tmp_path.rglob("*")} - before
-    allowed = (tmp_path / "results", out, Path(str(out) + ".indexes"))
+    allowed = (tmp_path / "results", out, Path(str(out) + ".indexes"), Path(str(out) + ".lease"))
     assert new and all(p in allowed or any(a in p.parents for a in allowed[1:]) for p in new), sorted(new)

@@ -4,6 +4,7 @@ Specs:
     ``wordllama-256`` (default; also ``wordllama-64``, ``wordllama-128``)
     ``static:/dir``         a model2vec-style directory (safetensors table + tokenizer.json)
     ``hf:/dir``             a local Hugging Face checkpoint (AutoModel + AutoTokenizer)
+    ``st:/dir``             a local sentence-transformers model directory (modules.json, prompts)
     ``mrl-resnet50:/file``  a ResNet-50 checkpoint in the official MRL repository's layout
     ``adaptor:/dir``        a trained Matryoshka adaptor over the base encoder it names
 """
@@ -24,6 +25,7 @@ DEFAULT_ENCODER = ENCODER
 _LOADERS: dict[str, str] = {
     "static": "mrl_core.encoders.static:load_static",
     "hf": "mrl_core.encoders.hf:load_hf",
+    "st": "mrl_core.encoders.st:load_st",
     "mrl-resnet50": "mrl_core.encoders.resnet:load_mrl_resnet50",
     "adaptor": "mrl_core.adaptor:load_adaptor",
 }

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from mrl_core.nesting import NestingSpec
+from mrl_core.nesting import NestingSpec, l2_normalize
 
 Features = dict[str, np.ndarray]
 """What ``preprocess`` returns: plain numpy arrays, cheap to ship between Ray tasks."""
@@ -41,15 +41,48 @@ class Encoder(Protocol):
         """Device work: the float32 [N, dim] embeddings of a preprocessed batch."""
         ...
 
-    def encode(self, inputs: Sequence[Any]) -> np.ndarray:
-        """float32 [N, dim] embeddings of ``inputs``, batched by total tokens (or pixels)."""
+    def encode(self, inputs: Sequence[Any] | Any, dim: int | None = None) -> np.ndarray:
+        """float32 [N, dim] embeddings of ``inputs``, batched by total tokens (or pixels).
+
+        One input (a str, or bytes for images) gives one row, [1, dim]. ``dim``: the first
+        ``dim`` coordinates, L2-normalised (``take_dim``); None: the full embedding as the model
+        gives it.
+        """
         ...
+
+
+def as_batch(inputs: Sequence[Any] | Any) -> Sequence[Any]:
+    """A single input (a str, or encoded image bytes) as a one-item list; a sequence as it is."""
+    if isinstance(inputs, (str, bytes, bytearray, memoryview)):
+        return [inputs]
+    return inputs
+
+
+def check_dim(dim: int | None, encoder: Any) -> int | None:
+    """``dim`` as an int (None stays None); a ValueError naming it unless it is 1..``encoder.dim``."""
+    if dim is None:
+        return None
+    full = int(encoder.dim)
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= full:
+        raise ValueError(
+            f"dim={dim!r} is not a prefix of {encoder.name}'s {full}-dim embeddings: ask for 1..{full} "
+            f"(its nesting dims: {', '.join(map(str, encoder.nesting.dims))})"
+        )
+    return int(dim)
+
+
+def take_dim(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
+    """``embeddings`` as they are when ``dim`` is None, else their first ``dim`` coordinates,
+    L2-normalised on their own (any prefix works; an MRL model's nesting dims are the good ones)."""
+    if dim is None:
+        return embeddings
+    return l2_normalize(np.ascontiguousarray(embeddings[:, :dim], dtype=np.float32))
 
 
 def check_texts(texts: Sequence[Any]) -> list[str]:
     """The inputs as a list of str; raise naming the first input that is None or not a str."""
     if isinstance(texts, str):
-        raise TypeError("encode() takes a list of texts, not a single str; wrap it: [text]")
+        raise TypeError("preprocess() takes a list of texts, not a single str; wrap it: [text] (encode() takes one)")
     texts = list(texts)
     if not texts:
         raise ValueError("encode() got an empty input list")
@@ -127,13 +160,19 @@ class Tokenize:
     tokenizer: Tokenizer
     add_special_tokens: bool = False
     prefix: str = ""
+    skip: int = 0
+    """Leading tokens (the prefix, with any special token before it) that pooling leaves out;
+    when non-zero each row's count travels as the ``skip`` feature."""
 
     def __call__(self, inputs: Sequence[Any]) -> Features:
         texts = check_texts(inputs)
         if self.prefix:
             texts = [self.prefix + t for t in texts]
         encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=self.add_special_tokens)
-        return ragged_features([e.ids for e in encodings])
+        features = ragged_features([e.ids for e in encodings])
+        if self.skip:
+            features["skip"] = np.full(len(texts), self.skip, dtype=np.int64)
+        return features
 
 
 class TextEncoderBase:
@@ -146,6 +185,10 @@ class TextEncoderBase:
         """Tokenise a batch of texts (see ``Tokenize``)."""
         return self.preprocessor(inputs)
 
-    def encode(self, inputs: Sequence[Any]) -> np.ndarray:
-        """float32 [N, dim] embeddings of a list of texts."""
-        return self.embed_features(self.preprocess(inputs))
+    def encode(self, inputs: Sequence[str] | str, dim: int | None = None) -> np.ndarray:
+        """float32 [N, dim] embeddings of a list of texts; one str gives one row, [1, dim].
+
+        ``dim``: the L2-normalised first ``dim`` coordinates instead of the full raw embedding.
+        """
+        dim = check_dim(dim, self)
+        return take_dim(self.embed_features(self.preprocess(as_batch(inputs))), dim)

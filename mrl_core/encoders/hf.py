@@ -1,8 +1,9 @@
 """Hugging Face transformer encoders from a local checkpoint directory (AutoModel + AutoTokenizer).
 
 Texts are tokenised without padding on the CPU; the device half sorts them by length, packs
-batches to a padded-token budget, and pools the last hidden state with ``pooling.pool`` (mean
-over the attention mask, or the first token), as training's ``HFTextEncoder`` does. A checkpoint
+batches to a padded-token budget (``padded_batches``), and pools the last hidden state with
+``pooling.pool`` (mean over the attention mask, the first token, ...), as training's
+``HFTextEncoder`` does. A checkpoint
 exported by training carries ``mrl_encoder.json`` (pooling, max length, nesting dims), which
 ``load_hf`` follows unless told otherwise. Asymmetric models (e.g. nomic's ``search_query: `` /
 ``search_document: ``) get their prefixes here: ``encode`` embeds documents, ``encode_queries``
@@ -26,9 +27,12 @@ from mrl_core.encoders.base import (
     Features,
     TextEncoderBase,
     Tokenize,
+    as_batch,
     budget_batches,
+    check_dim,
     fingerprint_of,
     pick_device,
+    take_dim,
 )
 from mrl_core.encoders.pooling import POOLINGS, pool
 from mrl_core.nesting import NestingSpec
@@ -38,7 +42,8 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
 )
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
+VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "__version__")
+"""Config fields a re-save changes (library versions, source path, dtype): left out of fingerprints."""
 
 
 class HFEncoder(TextEncoderBase):
@@ -53,7 +58,8 @@ class HFEncoder(TextEncoderBase):
     Args:
         model, tokenizer: a loaded ``transformers`` model and tokenizer, already on ``device``.
         name, fingerprint: recorded in dataset metadata (see ``load_hf``).
-        pooling: "mean" (over the attention mask) or "cls" (the first token).
+        pooling: one of ``pooling.POOLINGS``: "mean" (over the attention mask), "cls" (the first
+            token), "max", "lasttoken", "weightedmean" or "mean_sqrt_len_tokens".
         query_prefix, document_prefix: prepended to queries / documents before tokenising.
         batch_tokens: padded tokens (rows x longest row) per forward pass.
         max_length: texts are truncated to this many tokens, special tokens included.
@@ -99,26 +105,17 @@ class HFEncoder(TextEncoderBase):
         self.preprocessor = Tokenize(backend, add_special_tokens=True, prefix=document_prefix)
         self.query_preprocessor = Tokenize(backend, add_special_tokens=True, prefix=query_prefix)
 
-    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """float32 [N, dim] embeddings of queries: the query prefix instead of the document one."""
-        return self.embed_features(self.query_preprocessor(texts))
+    def encode_queries(self, texts: Sequence[str] | str, dim: int | None = None) -> np.ndarray:
+        """float32 [N, dim] embeddings of queries (the query prefix instead of the document one);
+        one str gives one row, [1, dim]; ``dim``: the L2-normalised prefix, as ``encode``."""
+        dim = check_dim(dim, self)
+        return take_dim(self.embed_features(self.query_preprocessor(as_batch(texts))), dim)
 
     @torch.inference_mode()
     def embed_features(self, features: Features) -> np.ndarray:
         """Pooled embeddings in input order; rows are length-sorted into padded-token batches."""
-        ids, lengths = features["ids"], features["lengths"]
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        out = np.zeros((len(lengths), self.dim), dtype=np.float32)
-        nonempty = np.flatnonzero(lengths > 0)  # zero-token rows stay zero
-        for batch in budget_batches(lengths[nonempty], self.batch_tokens, sort=True, padded=True):
-            rows = nonempty[batch]
-            width = int(lengths[rows].max())
-            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for j, r in enumerate(rows):
-                n = int(lengths[r])
-                input_ids[j, :n] = ids[offsets[r] : offsets[r] + n]
-                mask[j, :n] = 1
+        out = np.zeros((len(features["lengths"]), self.dim), dtype=np.float32)  # zero-token rows stay zero
+        for rows, input_ids, mask in padded_batches(features, self.batch_tokens, self.pad_id):
             out[rows] = self._forward(input_ids, mask)
         return out
 
@@ -127,6 +124,29 @@ class HFEncoder(TextEncoderBase):
         mask_t = torch.from_numpy(mask).to(self.device)
         hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
         return pool(hidden, mask_t, self.pooling).cpu().numpy()
+
+
+def padded_batches(
+    features: Features, batch_tokens: int, pad_id: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(rows, input_ids [B, T], attention_mask [B, T]) batches of ragged token ids, right-padded.
+
+    Rows are sorted by length and packed so that rows x longest row stays within
+    ``batch_tokens`` (one longer row forms a batch on its own); rows with no tokens are left out.
+    """
+    ids, lengths = features["ids"], features["lengths"]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    nonempty = np.flatnonzero(lengths > 0)
+    for batch in budget_batches(lengths[nonempty], batch_tokens, sort=True, padded=True):
+        rows = nonempty[batch]
+        width = int(lengths[rows].max())
+        input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for j, r in enumerate(rows):
+            n = int(lengths[r])
+            input_ids[j, :n] = ids[offsets[r] : offsets[r] + n]
+            mask[j, :n] = 1
+        yield rows, input_ids, mask
 
 
 def load_hf(
@@ -167,7 +187,7 @@ def load_hf(
     nesting = nesting or saved.get("nesting_dims")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    weights_hash = fingerprint_of(*_weight_digests(path))
+    weights_hash = fingerprint_of(*weight_digests(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             path, local_files_only=True, trust_remote_code=trust_remote_code
@@ -189,7 +209,7 @@ def load_hf(
         raise ValueError(f"cannot load the model in {path}: {exc}") from exc
 
     fingerprint = fingerprint_of(
-        weights_hash, _config_text(config_file), *_tokenizer_texts(path),
+        weights_hash, config_text(config_file), *tokenizer_texts(path),
         f"pooling={pooling}", f"query_prefix={query_prefix!r}",
         f"document_prefix={document_prefix!r}", f"max_length={max_length}",
     )
@@ -222,8 +242,9 @@ def read_encoder_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def _weight_digests(path: Path) -> Iterator[str]:
-    """One hash per stored tensor, in sorted key order across shards; read lazily, one at a time.
+def weight_digests(path: Path) -> Iterator[str]:
+    """One hash per stored tensor of the weights in ``path`` (``*.safetensors``, else
+    ``pytorch_model*.bin``), in sorted key order across shards; read lazily, one at a time.
 
     Reading every tensor also turns a corrupt weights file into a ValueError naming it.
     """
@@ -271,16 +292,18 @@ def _tensor_digest(key: str, tensor: torch.Tensor) -> str:
     return fingerprint_of(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}", tensor.reshape(-1))
 
 
-def _config_text(config_file: Path) -> str:
-    """config.json minus the fields a re-save changes (library version, source path, dtype)."""
+def config_text(config_file: Path) -> str:
+    """A JSON config (config.json, ...), keys sorted, minus ``VOLATILE_CONFIG_KEYS``."""
     try:
         config = json.loads(config_file.read_text())
     except ValueError as exc:
         raise ValueError(f"cannot parse {config_file}: {exc}") from exc
-    for key in _VOLATILE_CONFIG_KEYS:
-        config.pop(key, None)
+    if isinstance(config, dict):
+        for key in VOLATILE_CONFIG_KEYS:
+            config.pop(key, None)
     return json.dumps(config, sort_keys=True)
 
 
-def _tokenizer_texts(path: Path) -> list[bytes | str]:
+def tokenizer_texts(path: Path) -> list[bytes | str]:
+    """(name, bytes) of each tokenizer file in ``path`` (``TOKENIZER_FILES``), flattened."""
     return [p for name in TOKENIZER_FILES if (f := path / name).is_file() for p in (name, f.read_bytes())]

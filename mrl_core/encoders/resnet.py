@@ -19,7 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrl_core.encoders.base import Features, budget_batches, fingerprint_of, pick_device
+from mrl_core.encoders.base import (
+    Features,
+    as_batch,
+    budget_batches,
+    check_dim,
+    fingerprint_of,
+    pick_device,
+    take_dim,
+)
 from mrl_core.encoders.images import CROP, RESIZE, decode_image, eval_crop, normalize, to_pixels
 from mrl_core.layers import NestedLinear
 from mrl_core.nesting import NestingSpec
@@ -94,9 +102,11 @@ class MRLResNet50Encoder:
             out[rows] = self.backbone(x).float().cpu().numpy()
         return out
 
-    def encode(self, inputs: Sequence[Any]) -> np.ndarray:
-        """float32 [N, 2048] embeddings of a list of encoded images."""
-        return self.embed_features(self.preprocess(inputs))
+    def encode(self, inputs: Sequence[Any] | bytes, dim: int | None = None) -> np.ndarray:
+        """float32 [N, 2048] embeddings of a list of encoded images; one bytes object gives one
+        row, [1, 2048]; ``dim``: the L2-normalised first ``dim`` coordinates instead."""
+        dim = check_dim(dim, self)
+        return take_dim(self.embed_features(self.preprocess(as_batch(inputs))), dim)
 
     @torch.inference_mode()
     def nested_logits(self, embeddings: np.ndarray) -> dict[int, np.ndarray]:
