@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mrl_core.funnel import take_rows
-from mrl_core.search import exact_search
+from mrl_core.search import FAISS_BLAS_THRESHOLD, exact_search
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -43,6 +43,16 @@ def numpy_top_k(q: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(-s, k, axis=1)[:, :k]
 
 
+def with_threshold(value: int, fn):
+    """``fn()`` with FAISS's BLAS threshold at ``value`` (the previous one restored after)."""
+    before = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = value
+    try:
+        return fn()
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=840_000)
@@ -59,7 +69,7 @@ def main() -> None:
     x16 = x32.astype(np.float16)
     flat = faiss.IndexFlatIP(args.dim)
     flat.add(x32)
-    default_threshold = faiss.cvar.distance_compute_blas_threshold
+    default_threshold = FAISS_BLAS_THRESHOLD
     print(f"machine: {hardware.describe()}; faiss {faiss.__version__} (BLAS threshold {default_threshold}), "
           f"torch {torch.__version__}, numpy {np.__version__}")
     print(f"{args.rows:,} x {args.dim} rows, k={args.k}; median of {args.repeats}; ms per call (queries/s)")
@@ -71,22 +81,22 @@ def main() -> None:
             rows = {}
 
             def faiss_blas(q=q):
-                faiss.cvar.distance_compute_blas_threshold = 1
-                try:
-                    return flat.search(q, args.k)
-                finally:
-                    faiss.cvar.distance_compute_blas_threshold = default_threshold
+                return with_threshold(1, lambda: flat.search(q, args.k))
 
-            rows["faiss flat (default)"] = lambda q=q: flat.search(q, args.k)
+            def faiss_default(q=q):
+                return with_threshold(default_threshold, lambda: flat.search(q, args.k))
+
+            rows["faiss flat (default)"] = faiss_default
             rows["faiss flat (BLAS threshold 1)"] = faiss_blas
-            rows["numpy matmul + argpartition, f32"] = lambda q=q: numpy_top_k(q, x32, args.k)
+            if batch < 1024:  # at 1,024 queries it takes seconds per call (an argpartition of every score)
+                rows["numpy matmul + argpartition, f32"] = lambda q=q: numpy_top_k(q, x32, args.k)
             rows["exact_search, f32"] = lambda q=q: exact_search(q, x32, args.k)
             rows["exact_search, f16"] = lambda q=q: exact_search(q, x16, args.k)
             cand = rng.integers(0, args.rows, (batch, args.shortlist))
             qs = q / np.linalg.norm(q, axis=1, keepdims=True)
 
             def rerank(cand=cand, qs=qs):
-                vecs = take_rows(x16, cand.reshape(-1), scratch=True).reshape(batch, args.shortlist, -1)
+                vecs = take_rows(x16, cand.reshape(-1), scratch=True).reshape(len(cand), args.shortlist, -1)
                 return np.einsum("qnd,qd->qn", vecs, qs)
 
             rows[f"re-rank {args.shortlist} rows/query from f16 (take_rows + einsum)"] = rerank

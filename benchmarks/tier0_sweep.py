@@ -42,7 +42,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    bench_args = argparse.Namespace(data=args.data, text_column=args.text_column, encoder=args.encoder)
+    bench_args = argparse.Namespace(data=args.data, text_column=args.text_column, encoder=args.encoder,
+                                    max_rows=args.max_rows)
     _, emb, _ = funnel_bench.embed_corpus(bench_args, Path(args.work_dir))
     mask = funnel_bench.held_out(len(emb), args.queries)
     # the corpus as stored (float16 prefixes), the queries as encoded

@@ -2,7 +2,9 @@
 full-dim search reaches a target, measured on a corpus held in memory.
 
 Candidate schedules are tried per tier-0 dim, cheapest re-rank first; every one tried is a
-``Trial`` (recall, re-rank cost, and seconds per query when timed), kept for the manifest.
+``Trial`` (recall, re-rank cost, and seconds per query when timed), kept for the manifest. The
+chosen funnel and exact search are then timed at batch 1 and at a large batch (``Calibration.speed``):
+where exact search is faster, ``funnel="auto"`` runs it (``faster_methods``, ``method_at``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,15 @@ import numpy as np
 from mrl_core.defaults import SHORTLISTS, TARGET_RECALL, K
 from mrl_core.funnel import FunnelSchedule, IdMap, Tier0, funnel_search, score_candidates, take_rows
 from mrl_core.search import exact_search, recall_at_k_with_ties, top_k
+
+SINGLE_QUERIES = 32
+"""Calibration queries timed one at a time for the batch-1 figures."""
+
+LARGE_BATCH = 1024
+"""The large batch calibration times (all its queries in one batch when it has fewer)."""
+
+Search = Callable[[Mapping[int, np.ndarray]], object]
+"""A search of queries given by prefix dim ({dim: [Q, dim]}), as timed by ``Calibration.seconds_per_query``."""
 
 
 def candidate_schedules(
@@ -220,19 +231,63 @@ class Calibration:
         vectors = np.ascontiguousarray(self.vectors[dim], dtype=np.float32)
         return lambda _d, queries, n: exact_search(queries, vectors, n)[1]
 
-    def seconds(self, schedule: FunnelSchedule, tier0: Tier0 | None = None, repeats: int = 3) -> float:
-        """Seconds per query of ``schedule`` over the calibration queries, batched as a search runs
-        (tier 0 plus in-memory re-rank; best of ``repeats``). ``tier0`` returns ids; default flat."""
+    def funnel(self, schedule: FunnelSchedule, tier0: Tier0 | None = None) -> Search:
+        """``schedule`` over these rows as a ``Search`` (tier 0 plus in-memory re-rank); ``tier0``
+        returns ids, default flat."""
         if tier0 is None:
             search = self.flat_tier0(schedule.dims[0])
         else:
             search = lambda d, q, n: self.idmap.positions(tier0(d, q, n))  # noqa: E731
+        return lambda queries: funnel_search(schedule, queries, self.k, search, self.fetch)
+
+    def exact(self) -> Search:
+        """Exact full-dim search over these rows, as stored (what ``Corpus.search(exact=True)`` runs)."""
+        return lambda queries: exact_search(queries[self.full], self.vectors[self.full], self.k)
+
+    def seconds_per_query(self, search: Search, batch: int, repeats: int = 2) -> float:
+        """Seconds per query of ``search`` over the calibration queries sent ``batch`` at a time,
+        best of ``repeats`` (batch 1: the first ``SINGLE_QUERIES`` queries, one call each)."""
+        count = len(self.exact_scores) if batch > 1 else min(len(self.exact_scores), SINGLE_QUERIES)
+        parts = [{d: q[lo : min(lo + batch, count)] for d, q in self.queries.items()}
+                 for lo in range(0, count, batch)]
         best = math.inf
         for _ in range(repeats):
             started = time.perf_counter()
-            funnel_search(schedule, self.queries, self.k, search, self.fetch)
+            for part in parts:
+                search(part)
             best = min(best, time.perf_counter() - started)
-        return best / len(self.exact_scores)
+        return best / count
+
+    def seconds(self, schedule: FunnelSchedule, tier0: Tier0 | None = None, repeats: int = 3) -> float:
+        """Seconds per query of ``schedule`` over the calibration queries, batched as a search runs
+        (tier 0 plus in-memory re-rank; best of ``repeats``). ``tier0`` returns ids; default flat."""
+        return self.seconds_per_query(self.funnel(schedule, tier0), len(self.exact_scores), repeats)
+
+    def speed(
+        self, schedule: FunnelSchedule, tier0: Tier0 | None = None, batches: Sequence[int] = (1, LARGE_BATCH)
+    ) -> dict[str, dict[str, float]]:
+        """Seconds per query of the funnel ``schedule`` and of exact full-dim search at each batch
+        size (capped at the calibration queries): {"1": {"funnel": s, "exact": s}, "1000": ...}."""
+        out: dict[str, dict[str, float]] = {}
+        funnel, exact = self.funnel(schedule, tier0), self.exact()
+        for batch in sorted({max(1, min(int(b), len(self.exact_scores))) for b in batches}):
+            out[str(batch)] = {"funnel": self.seconds_per_query(funnel, batch),
+                               "exact": self.seconds_per_query(exact, batch)}
+        return out
+
+
+def faster_methods(seconds: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
+    """{batch size: "exact" where exact search timed faster than the funnel, else "funnel"}."""
+    return {batch: "exact" if s["exact"] < s["funnel"] else "funnel" for batch, s in seconds.items()}
+
+
+def method_at(methods: Mapping[str, str], queries: int) -> str:
+    """What ``funnel="auto"`` runs for a call of ``queries`` queries: the method of the measured
+    batch size nearest it in ratio (the smaller on a tie); "funnel" when nothing was measured."""
+    if not methods:
+        return "funnel"
+    nearest = min(methods, key=lambda b: (abs(math.log(max(queries, 1) / int(b))), int(b)))
+    return methods[nearest]
 
 
 def cheapest_hits(trials: Sequence[Trial], target: float) -> dict[int, Trial]:

@@ -30,6 +30,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from mrl_core.calibration import method_at
 from mrl_core.defaults import CACHE_BYTES
 from mrl_core.funnel import FunnelSchedule, IdMap, funnel_search, paper_schedule, take_rows
 from mrl_core.index_store import (
@@ -39,7 +40,7 @@ from mrl_core.index_store import (
     default_index_uri,
     load_index,
 )
-from mrl_core.search import BLOCK_ROWS, exact_search, merge_top_k
+from mrl_core.search import BLOCK_ROWS, exact_search, merge_top_k, search_threads, threads_for
 from mrl_core.storage import (
     DatasetInfo,
     column_to_numpy,
@@ -170,11 +171,11 @@ class Corpus:
     def schedule_for(self, funnel: str | FunnelSchedule | None) -> FunnelSchedule:
         """The schedule ``search`` runs for ``funnel`` (None or "auto", "paper", a schedule or its string)."""
         if funnel is None or funnel == "auto":
-            if self.schedule is None:
+            if self._calibrated() is None:
                 raise IndexNotFoundError(
                     "funnel='auto' needs an index with a calibrated schedule; run pipelines/index.py"
                 )
-            return self.schedule
+            return self._calibrated()
         if funnel == "paper":
             return paper_schedule(self.dims)
         if isinstance(funnel, str):
@@ -219,7 +220,8 @@ class Corpus:
         ``score`` (cosine at the schedule's last dim), then the requested ``columns``.
 
         ``queries``: texts (encoded with the dataset's encoder) or float vectors [Q, full_dim].
-        ``funnel``: None/"auto" (the calibrated schedule), "paper", or a ``FunnelSchedule``.
+        ``funnel``: None/"auto" (the calibrated schedule; exact search where calibration timed it
+        faster for this many queries, ``IndexManifest.auto_search``), "paper", or a ``FunnelSchedule``.
         ``exact=True``: brute-force search at the full dim, the reference.
         ``where``: a Lance SQL filter (``"section = 'python' AND year > 2020"``); the result is the
         best k among the rows it matches (fewer only when fewer match; none when none do).
@@ -235,6 +237,8 @@ class Corpus:
         match = None if where is None else self.match(where)
         texts, vectors = self._split_queries(queries)
         count = len(texts) if texts is not None else len(vectors)
+        if schedule is not None and funnel in (None, "auto") and self._exact_is_faster(count):
+            schedule = None  # calibration timed exact search faster at this batch size
         if match is not None and not len(match):  # nothing to search: an empty result
             nothing = (np.zeros((count, 0), np.float32), np.zeros((count, 0), np.int64))
             return self._table([(0, *nothing)], columns)
@@ -255,6 +259,20 @@ class Corpus:
                 )
             parts.append((start, scores, ids))
         return self._table(parts, columns)
+
+    def _calibrated(self) -> FunnelSchedule | None:
+        """``self.schedule``, parsed once per manifest schedule rather than on every search."""
+        raw = None if self.manifest is None else self.manifest.schedule
+        cached = getattr(self, "_calibrated_cache", None)
+        if cached is None or cached[0] is not raw:
+            cached = self._calibrated_cache = (raw, self.schedule)
+        return cached[1]
+
+    def _exact_is_faster(self, queries: int) -> bool:
+        """Whether ``funnel="auto"`` runs exact search for a call of ``queries`` queries: calibration
+        timed it faster at the nearest batch size (``IndexManifest.auto_search``). The manifest alone
+        decides, so results never depend on what is cached."""
+        return self.manifest is not None and method_at(self.manifest.auto_search, queries) == "exact"
 
     def match(self, where: str) -> Match:
         """The rows the Lance SQL filter ``where`` matches (kept for the next searches with it);
@@ -416,8 +434,8 @@ class Corpus:
         it covers that dim, else a flat scan. Matching rows are all returned when they are at most n,
         scanned exactly when few, else searched with the index restricted to their ids."""
         indexed = self.index is not None and self.manifest is not None and dim == self.manifest.dim
-        if indexed and nprobe is None and self.schedule is not None:  # an explicit schedule: calibrated probes
-            nprobe = self.schedule.nprobe
+        if indexed and nprobe is None and self._calibrated() is not None:  # an explicit schedule: calibrated probes
+            nprobe = self._calibrated().nprobe
         if match is None:
             return self.index.search(queries, n, nprobe)[1] if indexed else self._flat(dim, queries, n)[1]
         if len(match) <= n:  # every matching row is a candidate: the re-rank is exact over them
@@ -443,7 +461,8 @@ class Corpus:
             probes = min(int(ivf.nlist), math.ceil(probes * index.ntotal / len(match)))
             params = faiss.SearchParametersIVF(sel=match.selector, nprobe=probes)
         try:
-            return index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)[1]
+            with search_threads(threads_for(len(queries) * len(match) * index.d)):
+                return index.search(np.ascontiguousarray(queries, dtype=np.float32), n, params=params)[1]
         except RuntimeError:  # e.g. PQ fast-scan: "search params not supported for this index"
             self._selector_ok = False
             return None

@@ -110,6 +110,11 @@ def prepare_output(
     encoder = get_encoder(settings.encoder, device="cpu", **settings.encoder_options)
     fingerprint = encoder_fingerprint(encoder.fingerprint, settings.encoder_options)
     if recorded is not None:
+        if int(recorded.pipeline_version) > int(PIPELINE_VERSION):
+            raise StorageError(
+                f"dataset {uri} was written by a newer mrl-embed (pipeline version {recorded.pipeline_version}; "
+                f"this one writes version {PIPELINE_VERSION}): upgrade mrl-embed to write to it"
+            )
         if fingerprint != recorded.fingerprint:
             raise StorageError(
                 f"dataset {uri} was embedded by {recorded.encoder!r} with fingerprint {recorded.fingerprint}; "

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from mrl_core import objectstore
-from mrl_core.calibration import Calibration, Trial, cheapest_hits, pick
+from mrl_core.calibration import Calibration, Trial, cheapest_hits, faster_methods, pick
 from mrl_core.defaults import (
     CALIBRATION_QUERIES,
     CALIBRATION_ROWS,
@@ -40,6 +40,7 @@ from mrl_core.defaults import (
 )
 from mrl_core.funnel import FunnelSchedule, paper_schedule
 from mrl_core.index_store import IndexManifest, default_index_uri, publish
+from mrl_core.progress import Progress
 from mrl_core.storage import (
     DatasetInfo,
     column_to_numpy,
@@ -133,6 +134,8 @@ class Calibrated:
     rows: int = 0
     tier0: TrainedTier0 | None = None
     """The tier 0 the schedule was tuned with (``calibrate``), to be built as it is."""
+    search_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Seconds per query of the schedule and of exact search by batch size (``Calibration.speed``)."""
 
     def record(self, options: CalibrationOptions) -> dict[str, Any]:
         """The manifest's ``calibration`` entry."""
@@ -247,8 +250,11 @@ def _add_table(index: faiss.Index, ids: pa.Array, column: pa.Array, dim: int) ->
 
 def add_local(index: faiss.Index, ds: lance.LanceDataset, dim: int) -> None:
     """Add every row's ``emb_<dim>`` prefix to ``index`` under its id, in this process."""
+    progress = Progress(ds.count_rows(), "index add", unit="rows")
     for batch in ds.to_batches(columns=["id", emb_column(dim)], batch_size=1 << 16):
         _add_table(index, batch.column(0), batch.column(1), dim)
+        progress.update(batch.num_rows, progress.done + batch.num_rows)
+    progress.close()
 
 
 def group_fragments(sizes: Sequence[tuple[int, int]], groups: int) -> list[list[int]]:
@@ -302,9 +308,13 @@ def add_with_ray(
     empty = ray.put(faiss.serialize_index(index))
     remote = ray.remote(num_cpus=1)(add_fragments)
     pending = [remote.remote(ds.uri, ds.version, storage_options, g, dim, empty) for g in groups]
+    progress = Progress(len(groups), "index add", unit="tasks")
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        index.merge_from(faiss.deserialize_index(ray.get(done[0])), 0)
+        part = faiss.deserialize_index(ray.get(done[0]))
+        progress.update(int(part.ntotal), len(groups) - len(pending))
+        index.merge_from(part, 0)
+    progress.close()
 
 
 def add_vectors(
@@ -435,8 +445,23 @@ def calibrate(
             trials += [t for t in found if t is not hit]
             eligible += found
     chosen = pick(eligible, required)
+    tier0 = trained.get((chosen.schedule.dims[0], chosen.tier0))
     return Calibrated(chosen.schedule, chosen.recall, trials, required, len(cal.exact_scores),
-                      cal_rows, trained.get((chosen.schedule.dims[0], chosen.tier0)))
+                      cal_rows, tier0, _search_speed(cal, chosen.schedule, tier0, options.gpu))
+
+
+def _search_speed(
+    cal: Calibration, schedule: FunnelSchedule, trained: TrainedTier0 | None, gpu: bool | None
+) -> dict[str, dict[str, float]]:
+    """Seconds per query of ``schedule`` (over ``trained`` built on the calibration rows) and of
+    exact search, at batch 1 and a large batch; logged, with what ``funnel="auto"`` will run."""
+    tier0 = None if trained is None else Tier0Index(sample_tier0(trained.index(), cal), gpu).tier0(schedule.nprobe)
+    speed = cal.speed(schedule, tier0)
+    methods = faster_methods(speed)
+    for batch, s in speed.items():
+        logger.info(f"  batch {batch}: funnel {1 / s['funnel']:,.0f} queries/s, exact "
+                    f"{1 / s['exact']:,.0f} queries/s: funnel='auto' runs {methods[batch]}")
+    return speed
 
 
 # ----------------------------------------------------------------------------- 5. publish
@@ -458,6 +483,7 @@ def new_manifest(
         bytes_per_vector=0.0, index_bytes=0, encoder=info.encoder,
         encoder_fingerprint=info.fingerprint, schedule=chosen.schedule.to_dict(),
         schedule_recall=chosen.recall, calibration=chosen.record(calibration),
+        search_seconds=chosen.search_seconds, auto_search=faster_methods(chosen.search_seconds),
     )
 
 

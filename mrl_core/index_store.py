@@ -78,6 +78,13 @@ class IndexManifest:
     schedule: dict[str, Any] | None = None
     schedule_recall: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    search_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Seconds per query calibration timed for the calibrated funnel and for exact full-dim search,
+    by batch size: ``{"1": {"funnel": 0.0004, "exact": 0.003}, "1000": {...}}`` (empty: not timed)."""
+    auto_search: dict[str, str] = field(default_factory=dict)
+    """What ``funnel="auto"`` runs at each timed batch size, the faster: ``{"1": "funnel", "1000":
+    "exact"}``; other sizes follow the nearest (``mrl_core.calibration.method_at``). Empty (manifests
+    written before it was timed, fixed schedules): always the funnel."""
     tier0_file: str = TIER0_FILE
     tier0_sha256: str = ""
     faiss_version: str = faiss.__version__

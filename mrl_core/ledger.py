@@ -8,8 +8,8 @@ record positions they hold. The driver feeds those reports to a ``CommitLog``, w
 * commits complete shards only: one Lance commit that adds their fragments and, where the
   dataset already holds rows of those shards (a changed shard re-embedded, or rows a crashed run
   committed without their ledger entry), deletes those rows in the same commit (an ``Update``);
-  then the ledger entries (``mrl.shard/<uri>``: rows, skipped records, source version, the key
-  its ids derive from) of the shards it completed.
+  then the ledger entries (rows, skipped records, source version, the key its ids derive from)
+  of the shards it completed, in one more commit (``ledger_store.record``).
 
 A shard's rows therefore change in one atomic step, from exactly the old rows to exactly the new
 ones, never neither and never both. A crash between the data commit and the ledger commit leaves
@@ -30,7 +30,8 @@ import lance
 import numpy as np
 from lance.fragment import FragmentMetadata
 
-from mrl_core.storage import ledger_updates, sql_string_list
+from mrl_core.ledger_store import record
+from mrl_core.storage import sql_string_list
 
 
 def encode_positions(positions: np.ndarray) -> str:
@@ -136,7 +137,7 @@ class CommitLog:
             ds = lance.LanceDataset.commit(ds, lance.LanceOperation.Append(fragments), read_version=ds.version,
                                            storage_options=self.storage_options)
         entries = {u: self._entry(u) for u in done}
-        ds.update_config(ledger_updates(entries))
+        record(ds, entries, self.storage_options)
         for u in done:
             self.shards[u].fragments = []
         self.rows_committed += rows

@@ -6,6 +6,7 @@ Files are parsed with ``ast``, never imported, so gathering runs no third-party 
 from __future__ import annotations
 
 import ast
+import multiprocessing
 import os
 import sys
 import sysconfig
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mrl_core.progress import Progress
 
 MIN_DOC_CHARS = 20
 
@@ -41,6 +44,11 @@ def iter_docstrings(files: Iterable[Path]) -> Iterator[dict[str, str]]:
             if doc and len(doc) >= MIN_DOC_CHARS:
                 name = getattr(node, "name", "<module>")
                 yield {"text": doc, "source": str(file), "object": name}
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def _docstrings_of(files: list[Path]) -> list[dict[str, str]]:
@@ -75,8 +83,11 @@ def write_docstring_shards(
         rows.clear()
 
     chunks = [files[i : i + 200] for i in range(0, len(files), 200)]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        for records in pool.map(_docstrings_of, chunks):
+    progress = Progress(len(chunks), "gather docstrings", unit="file groups")
+    # forkserver/spawn, not fork: this process may have Lance, Ray or a tokeniser's threads loaded
+    with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=_context()) as pool:
+        for finished, records in enumerate(pool.map(_docstrings_of, chunks), 1):
+            before = len(seen)
             for record in records:
                 if record["text"] in seen or (max_docs and len(seen) >= max_docs):
                     continue
@@ -84,7 +95,9 @@ def write_docstring_shards(
                 rows.append(record)
                 if len(rows) >= shard_rows:
                     flush()
+            progress.update(len(seen) - before, finished)  # distinct docstrings, as the shards hold
     if rows:
         flush()
-    done.write_text(f"{len(seen)} docstrings from {len(files)} files, python {sys.version.split()[0]}\n")
+    progress.close()
+    done.write_text(f"{len(seen):,} docstrings from {len(files):,} files, python {sys.version.split()[0]}\n")
     return shards

@@ -171,18 +171,21 @@ def read_shard(
     does not have at all is a ``ShardError``, never a column of nulls.
     """
     fs = filesystem(shard.uri, storage_options)
+    others = [k for k in dict.fromkeys(keep) if k != input_column]
 
     def read() -> bytes:
         with fs.open(shard.uri, "rb") as f:
             return f.read()
 
     try:
-        data = retrying(shard.uri, read)
+        if shard.format == "parquet":  # only the columns needed: ranged reads, not the whole file
+            table, skipped = retrying(shard.uri, lambda: _parquet(shard.uri, fs, input_column, others))
+        else:
+            data = retrying(shard.uri, read)
+            reader = {"jsonl": _jsonl, "text": _text, "wds": _wds}[shard.format]
+            table, skipped = reader(shard.uri, data, input_column, others)
     except (OSError, ValueError) as exc:
         raise ShardError(shard.uri, f"cannot open: {exc}") from exc
-    reader = {"parquet": _parquet, "jsonl": _jsonl, "text": _text, "wds": _wds}[shard.format]
-    others = [k for k in dict.fromkeys(keep) if k != input_column]
-    table, skipped = reader(shard.uri, data, input_column, others)
     total = table.num_rows + len(skipped)
     missing = [c for c in [input_column, *others] if c not in table.column_names]
     if missing and table.num_rows:
@@ -269,18 +272,35 @@ def _with_positions(table: pa.Table) -> pa.Table:
     return table.append_column("_pos", pa.array(np.arange(table.num_rows, dtype=np.int64)))
 
 
-def _parquet(uri: str, data: bytes, column: str, keep: list[str]) -> tuple[pa.Table, list]:
-    try:
-        pf = pq.ParquetFile(io.BytesIO(data))
-        names = pf.schema_arrow.names
-        missing = [c for c in [column, *keep] if c not in names]
-        if missing:
-            raise ShardError(uri, f"no column {missing[0]!r} (columns: {', '.join(names)})")
-        table = pf.read(columns=[column, *keep])
-    except ShardError:
-        raise
-    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for corrupt files
-        raise ShardError(uri, f"not a readable Parquet file: {exc}") from exc
+def _parquet(uri: str, fs: Any, column: str, keep: list[str]) -> tuple[pa.Table, list]:
+    """The text and kept columns of a Parquet shard, read with column projection (the footer,
+    then only those columns' chunks). I/O errors propagate (retried by the caller); a file that
+    is not Parquet, or lacks a column, is a ``ShardError``."""
+    with fs.open(uri, "rb") as f:
+        io_errors: list[BaseException] = []  # what reading the store raised, as opposed to parsing
+        raw_read = f.read
+
+        def read(*args: Any) -> bytes:
+            try:
+                return raw_read(*args)
+            except Exception as exc:
+                io_errors.append(exc)
+                raise
+
+        f.read = read
+        try:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            missing = [c for c in [column, *keep] if c not in names]
+            if missing:
+                raise ShardError(uri, f"no column {missing[0]!r} (columns: {', '.join(names)})")
+            table = pf.read(columns=[column, *keep])
+        except ShardError:
+            raise
+        except Exception as exc:  # pyarrow raises OSError/ArrowInvalid for corrupt files
+            if io_errors:
+                raise io_errors[0] from exc  # the store's error: retried or reported by the caller
+            raise ShardError(uri, f"not a readable Parquet file: {exc}") from exc
     ftype = table.schema.field(column).type
     if not (pa.types.is_string(ftype) or pa.types.is_large_string(ftype) or pa.types.is_binary(ftype)
             or pa.types.is_large_binary(ftype)):

@@ -2,8 +2,8 @@
 
 Columns: ``id`` (int64, stable), ``shard`` (source URI), the pass-through columns, then
 ``emb_<d>`` as ``fixed_size_list<float16|float32>[d]``, each prefix L2-normalised on its own.
-Dataset-level facts live in Lance's dataset config under ``mrl.*`` keys: the encoder
-(``mrl.info``) and the shard ledger (``mrl.shard/<uri>``, one key per committed shard).
+Dataset-level facts live in Lance's dataset config under ``mrl.*`` keys: how the rows were made
+(``mrl.info``) and which files hold the shard ledger (``mrl.ledger``; ``ledger_store``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mrl_core.ledger_store import read_ledger, record
 from mrl_core.nesting import l2_normalize
 from mrl_core.settings import FORMAT_OF_EXTENSION, EmbedSettings
 
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"
+"""2: settings recorded in ``mrl.info``; 3: the ledger in files (``ledger_store``), not config keys."""
 INFO_KEY = "mrl.info"
-LEDGER_PREFIX = "mrl.shard/"
 EMB_PREFIX = "emb_"
 POSITION_BITS = 24
 """Low bits of a derived id: the row's position in its shard (up to 16.7M rows per shard)."""
@@ -269,23 +270,6 @@ def kept_types(schema: pa.Schema, keep: Sequence[str]) -> dict[str, str]:
     return {name: str(schema.field(name).type) for name in keep}
 
 
-def read_ledger(ds: lance.LanceDataset) -> dict[str, dict[str, Any]]:
-    """{shard URI: ledger entry} for every shard whose rows are fully committed."""
-    return {
-        k[len(LEDGER_PREFIX):]: json.loads(v)
-        for k, v in ds.config().items()
-        if k.startswith(LEDGER_PREFIX)
-    }
-
-
-def ledger_updates(entries: Mapping[str, Mapping[str, Any] | None]) -> dict[str, str | None]:
-    """Config updates that record (or, with None, drop) ledger entries for shards."""
-    return {
-        LEDGER_PREFIX + shard: None if e is None else json.dumps(e, sort_keys=True)
-        for shard, e in entries.items()
-    }
-
-
 def sql_string_list(values: Iterable[str]) -> str:
     """A SQL ``IN (...)`` list of string literals, quotes escaped."""
     return ", ".join(sql_literal(v) for v in values)
@@ -312,7 +296,7 @@ def rename_shards(ds: lance.LanceDataset, renames: Mapping[str, str]) -> int:
         rows += ds.update({"shard": sql_literal(new)}, where=f"shard = {sql_literal(old)}")["num_rows_updated"]
     moved = {old: new for old, new in renames.items() if old in ledger}
     if moved:
-        ds.update_config(ledger_updates({**dict.fromkeys(moved), **{new: ledger[old] for old, new in moved.items()}}))
+        record(ds, {**dict.fromkeys(moved), **{new: ledger[old] for old, new in moved.items()}})
     return rows
 
 
@@ -329,7 +313,7 @@ def rebase_shards(ds: lance.LanceDataset, old_root: str, new_root: str) -> int:
     expression = f"concat({sql_literal(new_root)}, substr(shard, {len(old_root) + 1}))"
     rows = ds.update({"shard": expression}, where=f"starts_with(shard, {sql_literal(old_root)})")["num_rows_updated"]
     if moved:
-        ds.update_config(ledger_updates({**dict.fromkeys(moved), **{new: ledger[old] for old, new in moved.items()}}))
+        record(ds, {**dict.fromkeys(moved), **{new: ledger[old] for old, new in moved.items()}})
     return rows
 
 

@@ -197,7 +197,7 @@ class Tier0Index:
         self._space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
         self._lock = threading.Lock()
         self._params_ok = True  # cleared when the index takes no per-call search parameters
-        self._flat = not self.on_gpu and flat_vectors(index) is not None
+        self._flat = None if self.on_gpu else _flat_parts(index)
         self._scanned = code_bytes(index) * index.ntotal  # bytes one query reads (all lists probed)
 
     @property
@@ -214,8 +214,8 @@ class Tier0Index:
         want = nprobe or self.default_nprobe
         if self.on_gpu:
             return self._search_locked(queries, n, want)
-        if self._flat:
-            vectors, ids = flat_vectors(self.cpu_index)  # views taken per call: the index may grow
+        if self._flat is not None:
+            vectors, ids = _views(*self._flat)  # views taken per call: the index may grow
             scores, positions = exact_search(queries, vectors, n)
             return scores, np.where(positions >= 0, ids[np.maximum(positions, 0)], -1)
         share = 1.0 if self.nlist is None else min(1.0, int(want) / self.nlist)
@@ -247,12 +247,23 @@ class Tier0Index:
 def flat_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray] | None:
     """(vectors [N, d] float32, ids [N]) of an inner-product ``IDMap,Flat`` index: views of the
     index's own memory, valid until it next changes (never copied); None for other indexes."""
+    parts = _flat_parts(index)
+    return None if parts is None else _views(*parts)
+
+
+def _flat_parts(index: faiss.Index) -> tuple[faiss.Index, faiss.Index] | None:
+    """(the IDMap, its flat inner-product index) of an ``IDMap,Flat`` index, else None."""
     outer = faiss.downcast_index(index)
     if not isinstance(outer, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         return None
     inner = faiss.downcast_index(outer.index)
     if type(inner) not in (faiss.IndexFlatIP, faiss.IndexFlat) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
         return None
+    return outer, inner
+
+
+def _views(outer: faiss.Index, inner: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors and ids ``_flat_parts`` found, as numpy views of the index's memory."""
     rows = int(inner.ntotal)
     if rows == 0:
         return np.zeros((0, inner.d), dtype=np.float32), np.zeros(0, dtype=np.int64)

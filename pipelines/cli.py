@@ -13,12 +13,14 @@ import logging
 import re
 import sys
 import warnings
+from typing import Any
 
 PROJECT_LOGGERS = ("mrl_core", "pipelines", "__main__")
 NOISE = (
     "lance is not fork-safe",  # Lance's fork hook: Ray and the tokenisers fork and exec, they share nothing
 )
 """Third-party warnings shown only with ``--verbose``."""
+_VERBOSE = False
 
 
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -37,10 +39,48 @@ def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    global _VERBOSE
+    _VERBOSE = verbose
     if not verbose:  # other libraries' notices, not the user's business unless asked for
         for pattern in NOISE:
             warnings.filterwarnings("ignore", message=pattern)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if "ray" in sys.modules:
+        quiet_ray()
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own console lines (its INFO and notices, Ray Data's execution lines, its notebook
+    hints) to errors unless the CLI runs ``--verbose``; Ray Data still writes them to its log file
+    in the Ray session directory. Call before ``ray.init``: Ray's notices come from it."""
+    if _VERBOSE:
+        return
+    import ray
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    with warnings.catch_warnings():  # tqdm.auto's "IProgress not found" when Ray Data is imported in Jupyter
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import ray.data  # noqa: F401  (configures its loggers on import: adjust them after)
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":  # the console, not the session log file
+            handler.setLevel(logging.ERROR)
+    del ray
+
+
+def start_ray(**init_args: Any) -> None:
+    """``ray.init(**init_args)`` unless Ray is up, with Ray's console kept quiet (``quiet_ray``).
+
+    Ray starts its processes with fork and exec, so Lance's fork warning is not the user's
+    business here.
+    """
+    import ray
+
+    quiet_ray()
+    if ray.is_initialized():
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=NOISE[0])
+        ray.init(**init_args)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

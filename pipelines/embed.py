@@ -39,12 +39,13 @@ from mrl_core.defaults import ENCODER, FRAGMENT_ROWS, MAX_RECORD_BYTES
 from mrl_core.device import DEVICES, DeviceError, check_device
 from mrl_core.lease import Lease, LeaseHeldError, LeaseLostError, acquire_lease
 from mrl_core.ledger import CommitLog, locate_rows
+from mrl_core.ledger_store import read_ledger
 from mrl_core.objectstore import redact
 from mrl_core.progress import Progress
 from mrl_core.settings import DTYPES, FLAGS, FORMATS, EmbedSettings, parse_option_value
 from mrl_core.sources import Shard, list_shards
-from mrl_core.storage import assign_shard_keys, open_dataset, read_ledger
-from pipelines.cli import HelpFormatter, configure_logging, error_line, key_value
+from mrl_core.storage import assign_shard_keys, open_dataset
+from pipelines.cli import HelpFormatter, configure_logging, error_line, key_value, start_ray
 from pipelines.embed_plan import PlanConfig, build_plan, shard_ids
 from pipelines.gpu_check import check_gpu_slot
 from pipelines.layout import Layout, cluster_layout
@@ -184,6 +185,11 @@ def _run_embed(cfg: EmbedConfig, output: Output | None, lease: Lease) -> EmbedSu
         todo = todo[: cfg.max_shards]
     if todo and settings.id_column:
         todo = _refuse_id_collisions(output, todo, cfg, summary)
+    if todo:  # the layout and its device check come before anything is written
+        _init_ray()
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        layout = _resources(cfg)
+        summary.encode_actors, summary.gpus = layout.actors, layout.gpus
     ds = create(output, todo or shards, in_opts, cfg.storage_options)
     keys = assign_shard_keys(ledger, [s.uri for s in todo])
     todo = [replace(s, key=keys[s.uri]) for s in todo]
@@ -191,10 +197,6 @@ def _run_embed(cfg: EmbedConfig, output: Output | None, lease: Lease) -> EmbedSu
         summary.seconds = time.perf_counter() - start
         return summary
 
-    _init_ray()
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    layout = _resources(cfg)
-    summary.encode_actors, summary.gpus = layout.actors, layout.gpus
     modality, schema = output.info.modality, output.schema
     plan_cfg = PlanConfig(
         output=cfg.output, settings=settings, modality=modality, on_error=cfg.on_error,
@@ -264,8 +266,7 @@ def _refuse_id_collisions(output: Output, todo: list[Shard], cfg: EmbedConfig,
 
 
 def _init_ray() -> None:
-    if not ray.is_initialized():
-        ray.init(log_to_driver=False, include_dashboard=False, configure_logging=False)
+    start_ray(log_to_driver=False, include_dashboard=False, configure_logging=False)
 
 
 def _done(log: CommitLog) -> list[str]:
@@ -446,8 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         gpus_per_actor=args.gpus_per_actor, device=args.device, batch_rows=args.batch_rows,
         max_shards=args.max_shards, progress=not args.no_progress,
     )
-    if not ray.is_initialized() and (args.ray_address or os.environ.get("RAY_ADDRESS")):
-        ray.init(address=args.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=False)
+    if args.ray_address or os.environ.get("RAY_ADDRESS"):
+        start_ray(address=args.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=False,
+                  configure_logging=False)
     print(f"embedding {cfg.input} -> {cfg.output}"
           + (f" (storage options {redact(options)})" if options else ""), flush=True)
     try:

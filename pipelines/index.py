@@ -27,7 +27,7 @@ from mrl_core.defaults import (
     K,
 )
 from mrl_core.device import DEVICES
-from pipelines.cli import HelpFormatter, configure_logging, error_line, key_value
+from pipelines.cli import HelpFormatter, configure_logging, error_line, key_value, start_ray
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,11 @@ def run(args: argparse.Namespace) -> Any:
     import ray
 
     from mrl_core.device import DeviceError
+    from mrl_core.storage import open_dataset
     from pipelines.layout import read_capacity, task_gpus
 
-    ray.init(address=address, ignore_reinit_error=True, log_to_driver=True, configure_logging=False)
+    open_dataset(args.dataset, dict(args.storage_option))  # a wrong --dataset fails before Ray starts
+    start_ray(address=address, log_to_driver=True, configure_logging=False)
     cap = read_capacity()
     gpus = task_gpus(cap)
     log.info(f"cluster: {cap.describe()}")

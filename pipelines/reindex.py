@@ -37,13 +37,12 @@ from mrl_core.index_store import (
 )
 from mrl_core.index_update import sync_version_tags, update_index
 from mrl_core.lease import Lease, LeaseHeldError, acquire_lease
+from mrl_core.ledger_store import read_ledger, record
 from mrl_core.settings import EmbedSettings
 from mrl_core.sources import Shard, canonical_uri, list_shards
 from mrl_core.storage import (
     delete_shards,
-    ledger_updates,
     open_dataset,
-    read_ledger,
     rebase_shards,
     rename_shards,
     rows_signature,
@@ -215,7 +214,7 @@ def _reindex(cfg: ReindexConfig, index_uri: str, lease: Lease) -> ReindexSummary
         lease.check()
         dataset = open_dataset(cfg.dataset, opts)
         summary.rows_removed = delete_shards(dataset, plan.removed)  # a crash here: removed again next run
-        dataset.update_config(ledger_updates(dict.fromkeys(plan.removed)))
+        record(dataset, dict.fromkeys(plan.removed), opts)
 
     changed = bool(plan.new or plan.changed or plan.removed or summary.rows_renamed)
     if cfg.compact and changed:

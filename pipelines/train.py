@@ -35,7 +35,7 @@ from mrl_core.training import (
     run_adaptor_job,
     run_classifier_job,
 )
-from pipelines.cli import configure_logging, error_line
+from pipelines.cli import configure_logging, error_line, start_ray
 
 log = logging.getLogger(__name__)
 
@@ -280,14 +280,13 @@ def run_ray(job: ClassifierJob | AdaptorJob, args: argparse.Namespace) -> None:
     """Run ``job`` under Ray Train's ``TorchTrainer``: one worker per GPU the cluster has or can
     get (``pipelines.layout.train_layout``), one CPU worker without GPUs. Workers that hold GPUs
     are checked first (``--device`` auto/cuda): a GPU torch cannot use stops the job here."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.gpu_check import check_gpu_slot
     from pipelines.layout import read_capacity, train_layout
 
-    ray.init(address=args.ray_address, ignore_reinit_error=True)
+    start_ray(address=args.ray_address, configure_logging=False)
     cap = read_capacity()
     workers, use_gpu = train_layout(cap, args.num_workers, args.use_gpu)
     log.info(f"cluster: {cap.describe()}; {workers} Ray Train worker(s){' with a GPU each' if use_gpu else ''}")

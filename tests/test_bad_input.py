@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mrl_core import Corpus
+from mrl_core.ledger_store import read_ledger
 from mrl_core.settings import EmbedSettings
 from mrl_core.sources import Shard, ShardError, format_of, read_shard
-from mrl_core.storage import StorageError, embedding_arrays, ids_of_rows, read_ledger
+from mrl_core.storage import StorageError, embedding_arrays, ids_of_rows
 from pipelines.embed import EmbedConfig, EmbedError, run_embed
 
 UNICODE_EDGE_CASES = [
@@ -400,3 +401,39 @@ def test_a_bad_id_column_is_a_shard_error(tmp_path, local_ray, ids):
     with pytest.raises(EmbedError, match=r"a\.parquet.*uid"):
         run_embed(EmbedConfig(input=str(src), output=str(tmp_path / "o.lance"),
                               settings=EmbedSettings(id_column="uid"), progress=False))
+
+
+def test_parquet_shards_are_read_with_column_projection(tmp_path):
+    """Only the text, kept and id columns are read from a wide Parquet shard (its footer and
+    those columns' chunks), not the whole file: bytes counted through the filesystem itself."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Counting(LocalFileSystem):
+        protocol = "counting"
+        read = 0
+
+        def _open(self, path, mode="rb", **kw):
+            f = super()._open(path, mode, **kw)
+            raw = f.read
+
+            def counted(n=-1):
+                data = raw(n)
+                Counting.read += len(data)
+                return data
+
+            f.read = counted
+            return f
+
+    fsspec.register_implementation("counting", Counting, clobber=True)
+    rng = np.random.default_rng(0)
+    wide = pa.table({"text": [f"row {i} of a wide table" for i in range(2000)], "id": np.arange(2000),
+                     **{f"blob{j}": [rng.bytes(300) for _ in range(2000)] for j in range(8)}})
+    path = tmp_path / "wide.parquet"
+    pq.write_table(wide, path)
+    size = path.stat().st_size
+    shard = Shard(f"counting://{path}", size, "v", "parquet")
+    records = read_shard(shard, "text", ["id"])
+    assert records.table.num_rows == 2000 and records.table.column_names == ["_pos", "_input", "id"]
+    print(f"read {Counting.read:,} of {size:,} bytes for 2 of 10 columns")
+    assert Counting.read < size / 4  # the blobs are never read

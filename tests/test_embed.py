@@ -18,8 +18,9 @@ import pytest
 import ray
 
 from mrl_core.encoders import get_encoder
+from mrl_core.ledger_store import read_ledger
 from mrl_core.settings import EmbedSettings
-from mrl_core.storage import derive_ids, emb_column, ids_of_rows, read_info, read_ledger
+from mrl_core.storage import derive_ids, emb_column, ids_of_rows, read_info
 from pipelines.embed import EmbedConfig, EmbedError, main, run_embed
 
 REPO = Path(__file__).resolve().parents[1]

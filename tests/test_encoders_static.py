@@ -1,6 +1,9 @@
 """The default static encoder: WordLlama's table read from the installed package."""
 
 import json
+import logging
+import subprocess
+import sys
 from importlib import resources
 
 import numpy as np
@@ -159,3 +162,17 @@ def test_dim_gives_the_normalised_prefix(encoder):
     for bad in (0, 257, -1, True, 64.0):
         with pytest.raises(ValueError, match=rf"dim={bad!r}.*1\.\.256"):
             encoder.encode(TEXTS, dim=bad)
+
+
+def test_the_default_encoder_leaves_the_callers_logging_alone():
+    """wordllama's __init__ runs logging.basicConfig(level=INFO); the encoder reads its files only,
+    so a notebook or script using the default encoder does not start printing every INFO record."""
+    code = (
+        "import logging, sys\n"
+        "from mrl_core.encoders import get_encoder\n"
+        "get_encoder('wordllama-256').encode(['x'])\n"
+        "root = logging.getLogger()\n"
+        "print(root.level, len(root.handlers), 'wordllama' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(logging.WARNING), "0", "False"], out.stdout + out.stderr

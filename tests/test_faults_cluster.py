@@ -25,7 +25,8 @@ import ray
 from faultproxy import FaultProxy
 from ray.cluster_utils import Cluster
 
-from mrl_core.storage import ids_of_rows, read_ledger
+from mrl_core.ledger_store import read_ledger
+from mrl_core.storage import ids_of_rows
 from pipelines.embed import EmbedConfig, run_embed
 
 pytestmark = pytest.mark.slow

@@ -29,8 +29,9 @@ from mrl_core.index_store import (
     prune_versions,
     read_current,
 )
+from mrl_core.ledger_store import read_ledger
 from mrl_core.sources import ShardError, list_shards, read_shard
-from mrl_core.storage import derive_ids, ids_of_rows, read_ledger
+from mrl_core.storage import derive_ids, ids_of_rows
 from pipelines.embed import EmbedConfig, EmbedError, run_embed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_a_commit_whose_answer_is_lost_is_not_applied_twice(proxy, s3_endpoint, 
     """The store executes a commit but the client hears 503 (the ambiguous outcome): the client's
     retry meets 412 (the version exists), Lance recognises its own commit, and the rows and the
     ledger entry are there once."""
-    from mrl_core.storage import ledger_updates
+    from mrl_core.ledger_store import record
 
     base = s3_endpoint["storage_options"]
     opts = proxy.storage_options(base)
@@ -180,7 +181,7 @@ def test_a_commit_whose_answer_is_lost_is_not_applied_twice(proxy, s3_endpoint, 
                                    storage_options=opts)
     assert lost.applied == 1
     proxy.lose(503, first=1, method="PUT", path="/_versions/")
-    ds.update_config(ledger_updates({"shard-b": {"rows": 10}}))
+    record(ds, {"shard-b": {"rows": 10}}, opts)
     fresh = lance.dataset(uri, storage_options=base)
     assert sorted(fresh.to_table()["id"].to_pylist()) == [*range(10), *range(100, 110)]
     assert read_ledger(fresh) == {"shard-b": {"rows": 10}} and fresh.version == 3

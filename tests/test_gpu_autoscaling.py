@@ -28,7 +28,8 @@ import ray
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 from ray.cluster_utils import AutoscalingCluster
 
-from mrl_core.storage import ids_of_rows, read_ledger
+from mrl_core.ledger_store import read_ledger
+from mrl_core.storage import ids_of_rows
 from pipelines.layout import HEAD_MARKER, read_capacity
 
 

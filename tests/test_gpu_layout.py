@@ -18,7 +18,8 @@ import torch
 from ray.cluster_utils import Cluster
 
 from mrl_core.device import DeviceError, faiss_gpus, resolve_device
-from mrl_core.storage import ids_of_rows, read_ledger
+from mrl_core.ledger_store import read_ledger
+from mrl_core.storage import ids_of_rows
 from pipelines.layout import (
     HEAD_MARKER,
     Capacity,

@@ -515,3 +515,20 @@ def test_the_cli_logs_the_build_on_stderr(tmp_path, corpus_writer):
     assert out.stdout.startswith("index v000001: IDMap,Flat over emb_16")
     bad = run("--dataset", uri, "--storage-option", "no-equals-sign")
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+
+
+def test_the_build_times_the_funnel_against_exact_search_and_auto_follows(built, corpus, text_corpus):
+    from mrl_core.calibration import faster_methods, method_at
+
+    manifest = built[1]
+    assert sorted(manifest.search_seconds, key=int) == ["1", "1000"]
+    assert all(s["funnel"] > 0 and s["exact"] > 0 for s in manifest.search_seconds.values())
+    assert manifest.auto_search == faster_methods(manifest.search_seconds)
+    raw = json.loads(Path(f"{default_index_uri(built[0])}/{manifest.version}/manifest.json").read_text())
+    assert raw["auto_search"] == manifest.auto_search and raw["search_seconds"] == manifest.search_seconds
+    q = text_corpus["query_embeddings"][:40]
+    for count in (1, 40):
+        want = "exact" if method_at(manifest.auto_search, count) == "exact" else str(corpus.schedule)
+        expected = (corpus.search(q[:count], k=K, exact=True) if want == "exact"
+                    else corpus.search(q[:count], k=K, funnel=want))
+        assert corpus.search(q[:count], k=K).equals(expected)

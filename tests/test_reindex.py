@@ -23,7 +23,8 @@ import ray
 
 from mrl_core import Corpus
 from mrl_core.index_store import default_index_uri, list_versions, read_manifest
-from mrl_core.storage import ids_of_rows, read_ledger
+from mrl_core.ledger_store import read_ledger
+from mrl_core.storage import ids_of_rows
 from pipelines.reindex import ReindexConfig, main, run_reindex
 
 REPO = Path(__file__).resolve().parents[1]

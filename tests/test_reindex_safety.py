@@ -33,7 +33,8 @@ from mrl_core.index_store import (
     read_manifest,
 )
 from mrl_core.lease import LeaseHeldError, acquire_lease, lease_uri
-from mrl_core.storage import StorageError, read_ledger, rename_shards
+from mrl_core.ledger_store import read_ledger
+from mrl_core.storage import StorageError, rename_shards
 from pipelines import reindex
 from pipelines.embed import EmbedConfig, EmbedError, run_embed
 from pipelines.reindex import ReindexConfig, ReindexRefused, run_reindex

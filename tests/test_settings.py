@@ -20,16 +20,16 @@ from mrl_core import Corpus
 from mrl_core.encoders import get_encoder
 from mrl_core.index import build_index
 from mrl_core.index_store import claim_version, default_index_uri, load_index, read_current, read_manifest
+from mrl_core.ledger_store import LEGACY_PREFIX, ledger_files, read_ledger
 from mrl_core.sources import list_shards
 from mrl_core.storage import (
     INFO_KEY,
+    PIPELINE_VERSION,
     derive_ids,
     embedding_arrays,
-    ledger_updates,
     legacy_shard_key,
     make_schema,
     read_info,
-    read_ledger,
 )
 from pipelines import embed, reindex
 
@@ -202,7 +202,8 @@ def legacy_dataset(src: Path, out: str) -> None:
     old_info = {"encoder": "wordllama-256", "fingerprint": encoder.fingerprint, "full_dim": 256,
                 "dims": [64, 128, 256], "trained_dims": [64, 128, 256], "dtype": "float16", "metric": "cosine",
                 "normalized": True, "modality": "text", "pipeline_version": "1", "extra": {}}
-    ds.update_config({INFO_KEY: json.dumps(old_info), **ledger_updates(ledger)})
+    # pipeline 1 kept the ledger in one config key per shard
+    ds.update_config({INFO_KEY: json.dumps(old_info), **{LEGACY_PREFIX + u: json.dumps(e) for u, e in ledger.items()}})
 
 
 def test_a_dataset_from_before_recorded_settings_reindexes_once_told_its_text_column(tmp_path, capsys):
@@ -224,7 +225,10 @@ def test_a_dataset_from_before_recorded_settings_reindexes_once_told_its_text_co
     assert reindex.main(["--input", str(src), "--dataset", out, "--text-column", "text", "--no-progress"]) == 0
     ds = lance.dataset(out)
     info = read_info(ds)
-    assert info.unknown == () and info.settings.text_column == "text" and info.pipeline_version == "2"
+    assert info.unknown == () and info.settings.text_column == "text" and info.pipeline_version == PIPELINE_VERSION
+    # the per-key ledger moved into a ledger file, in one commit, every old shard with its key
+    assert not [k for k in ds.config() if k.startswith(LEGACY_PREFIX)] and len(ledger_files(ds)) == 1
+    assert set(read_ledger(ds)) == {str(src / f"p{i}.parquet") for i in range(3)}
     ids = ds.to_table(columns=["id"])["id"].to_pylist()
     assert len(ids) == 75 == len(set(ids)) and set(old_ids) <= set(ids)  # old rows kept their ids
     assert ds.to_table(columns=["url"])["url"].null_count == 0

@@ -8,9 +8,9 @@ safetensors table and a ``tokenizer.json``. Pooling is ``pooling.token_bag_mean`
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +134,13 @@ def load_wordllama(
 
     ``nesting`` defaults to the prefixes the table was trained at (64, 128, 256).
     """
-    try:
-        package = resources.files("wordllama")
-    except ModuleNotFoundError as exc:
+    # only the package's files: importing wordllama would run its logging.basicConfig(level=INFO)
+    spec = importlib.util.find_spec("wordllama")
+    if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "the default encoder reads its weights from the 'wordllama' package: pip install wordllama"
-        ) from exc
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
     weights = package / "weights" / "l2_supercat_256.safetensors"
     tokenizer_file = package / "tokenizers" / "l2_supercat_tokenizer_config.json"
     table = _read_table(Path(str(weights)))
