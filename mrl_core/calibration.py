@@ -22,11 +22,14 @@ from mrl_core.defaults import SHORTLISTS, TARGET_RECALL, K
 from mrl_core.funnel import FunnelSchedule, IdMap, Tier0, funnel_search, score_candidates, take_rows
 from mrl_core.search import exact_search, recall_at_k_with_ties, top_k
 
-SINGLE_QUERIES = 32
-"""Calibration queries timed one at a time for the batch-1 figures."""
+TIMED_CALLS = 32
+"""Calls timed per batch size below the large batch (batch 1: 32 queries, one call each)."""
 
 LARGE_BATCH = 1024
 """The large batch calibration times (all its queries in one batch when it has fewer)."""
+
+SPEED_BATCHES = (1, 10, LARGE_BATCH)
+"""Batch sizes at which calibration times the funnel against exact search."""
 
 Search = Callable[[Mapping[int, np.ndarray]], object]
 """A search of queries given by prefix dim ({dim: [Q, dim]}), as timed by ``Calibration.seconds_per_query``."""
@@ -246,8 +249,8 @@ class Calibration:
 
     def seconds_per_query(self, search: Search, batch: int, repeats: int = 2) -> float:
         """Seconds per query of ``search`` over the calibration queries sent ``batch`` at a time,
-        best of ``repeats`` (batch 1: the first ``SINGLE_QUERIES`` queries, one call each)."""
-        count = len(self.exact_scores) if batch > 1 else min(len(self.exact_scores), SINGLE_QUERIES)
+        best of ``repeats``: the first ``TIMED_CALLS`` calls' worth of queries (all, for the large batch)."""
+        count = min(len(self.exact_scores), batch * TIMED_CALLS)
         parts = [{d: q[lo : min(lo + batch, count)] for d, q in self.queries.items()}
                  for lo in range(0, count, batch)]
         best = math.inf
@@ -264,7 +267,7 @@ class Calibration:
         return self.seconds_per_query(self.funnel(schedule, tier0), len(self.exact_scores), repeats)
 
     def speed(
-        self, schedule: FunnelSchedule, tier0: Tier0 | None = None, batches: Sequence[int] = (1, LARGE_BATCH)
+        self, schedule: FunnelSchedule, tier0: Tier0 | None = None, batches: Sequence[int] = SPEED_BATCHES
     ) -> dict[str, dict[str, float]]:
         """Seconds per query of the funnel ``schedule`` and of exact full-dim search at each batch
         size (capped at the calibration queries): {"1": {"funnel": s, "exact": s}, "1000": ...}."""
@@ -286,7 +289,7 @@ def method_at(methods: Mapping[str, str], queries: int) -> str:
     batch size nearest it in ratio (the smaller on a tie); "funnel" when nothing was measured."""
     if not methods:
         return "funnel"
-    nearest = min(methods, key=lambda b: (abs(math.log(max(queries, 1) / int(b))), int(b)))
+    nearest = min(methods, key=lambda b: (round(abs(math.log(max(queries, 1) / int(b))), 9), int(b)))
     return methods[nearest]
 
 

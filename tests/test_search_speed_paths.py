@@ -154,20 +154,21 @@ def test_concurrent_callers_pass_their_own_nprobe(vectors):
 
 
 def test_faster_methods_and_the_nearest_batch_size():
-    seconds = {"1": {"funnel": 1e-3, "exact": 5e-3}, "1000": {"funnel": 2e-4, "exact": 1e-4}}
+    seconds = {"1": {"funnel": 1e-3, "exact": 5e-3}, "10": {"funnel": 4e-4, "exact": 3e-4},
+               "1000": {"funnel": 1e-4, "exact": 2e-4}}
     methods = faster_methods(seconds)
-    assert methods == {"1": "funnel", "1000": "exact"}
-    assert [method_at(methods, n) for n in (1, 10, 31, 32, 100, 1000, 5000)] == [
-        "funnel", "funnel", "funnel", "exact", "exact", "exact", "exact"]
+    assert methods == {"1": "funnel", "10": "exact", "1000": "funnel"}
+    assert [method_at(methods, n) for n in (1, 3, 4, 10, 100, 101, 1000, 5000)] == [
+        "funnel", "funnel", "exact", "exact", "exact", "funnel", "funnel", "funnel"]
     assert method_at({}, 1000) == "funnel"
 
 
-def test_calibration_times_the_funnel_and_exact_search_at_both_batch_sizes(vectors):
+def test_calibration_times_the_funnel_and_exact_search_at_each_batch_size(vectors):
     by_dim = {16: l2_normalize(vectors[:, :16]).astype(np.float16), 48: vectors.astype(np.float16)}
     queries = {d: v[:40].astype(np.float32) for d, v in by_dim.items()}
     cal = Calibration(by_dim, np.arange(len(vectors)), queries, k=K)
-    speed = cal.speed(FunnelSchedule((16, 48), (100,)), batches=(1, 1024))
-    assert list(speed) == ["1", "40"], "the large batch is capped at the calibration queries"
+    speed = cal.speed(FunnelSchedule((16, 48), (100,)))
+    assert list(speed) == ["1", "10", "40"], "the large batch is capped at the calibration queries"
     assert all(s["funnel"] > 0 and s["exact"] > 0 for s in speed.values())
 
 
@@ -201,7 +202,7 @@ def small_corpus(tmp_path_factory, corpus_writer):
 
 def test_calibration_records_its_timings_and_choice(small_corpus):
     _, manifest, _ = small_corpus
-    assert sorted(manifest.search_seconds, key=int) == ["1", "200"]
+    assert sorted(manifest.search_seconds, key=int) == ["1", "10", "200"]
     assert all(s["funnel"] > 0 and s["exact"] > 0 for s in manifest.search_seconds.values())
     assert manifest.auto_search == faster_methods(manifest.search_seconds)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import tarfile
@@ -532,3 +533,20 @@ def test_ray_train_one_cpu_worker(tmp_path, texts_parquet, static_dir):
     ev = json.loads((out / "eval.json").read_text())
     assert set(ev["head_accuracy"]) == {"4", "16"}
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_training_lists_shards_as_the_embed_job_does(tmp_path):
+    tmp_path = Path(os.path.realpath(tmp_path))
+    for part in ("train", "extra"):
+        (tmp_path / part).mkdir()
+        for i in range(2):
+            (tmp_path / part / f"s-{i:03d}.tar").write_bytes(b"")
+        (tmp_path / part / "notes.txt").write_text("not a shard")
+    train = [str(tmp_path / "train" / f"s-{i:03d}.tar") for i in range(2)]
+    extra = [str(tmp_path / "extra" / f"s-{i:03d}.tar") for i in range(2)]
+    assert expand_shards(str(tmp_path / "{train,extra}" / "*.tar")) == sorted(extra + train)
+    assert expand_shards(str(tmp_path / "train" / "s-{000..001}.tar")) == train
+    assert expand_shards(str(tmp_path / "train")) == train, "a directory's other files are left out"
+    assert expand_shards(train[0]) == train[:1]
+    with pytest.raises(FileNotFoundError, match="s-002.tar does not exist"):
+        expand_shards(str(tmp_path / "train" / "s-{000..005}.tar"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from mrl_core.encoders.images import decode_image, eval_crop, to_normalized
-from mrl_core.objectstore import url_to_fs
+from mrl_core.sources import list_shards
 from mrl_core.webdataset import image_field, stream_samples
 
 LABEL_FIELDS = ("cls", "json")
@@ -199,20 +198,12 @@ def is_webdataset(uri: str) -> bool:
 
 
 def expand_shards(uri: str) -> list[str]:
-    """The shard files ``uri`` names: a directory's tars, ``x-{000..009}.tar``, or a glob/file."""
-    if os.path.isdir(uri):
-        return sorted(str(p) for p in Path(uri).glob("*.tar"))
-    if "{" in uri:
-        m = re.search(r"\{(\d+)\.\.(\d+)\}", uri)
-        if not m:
-            raise ValueError(f"cannot expand shard pattern {uri!r} (expected {{000..009}})")
-        lo, hi = m.group(1), m.group(2)
-        return [uri[: m.start()] + str(i).zfill(len(lo)) + uri[m.end() :]
-                for i in range(int(lo), int(hi) + 1)]
-    fs, path = url_to_fs(uri)
-    found = sorted(fs.glob(path)) if any(c in path for c in "*?[") else [path]
-    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return [p if proto in ("file", "local") else f"{proto}://{p}" for p in found]
+    """The WebDataset shards ``uri`` names, listed as the embed job lists its input
+    (``mrl_core.sources.list_shards``): a tar, a directory's tars, globs and brace patterns
+    (``x-{000..009}.tar``, ``{train,extra}/*.tar``); a directory's other files are left out."""
+    shards = list_shards(uri)
+    named_directly = "{" not in uri and not any(c in uri for c in "*?[") and not os.path.isdir(uri)
+    return [s.uri for s in shards if named_directly or s.uri.endswith(".tar")]
 
 
 # ---------------------------------------------------------------------------------------------
