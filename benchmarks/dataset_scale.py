@@ -20,28 +20,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import hardware  # this directory's
 import lance
 import numpy as np
 import pyarrow as pa
+from timing import median_seconds  # this directory's
 
 from mrl_core.ledger_store import LEGACY_PREFIX, read_ledger, record
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def latest_manifest(uri: str) -> int:
@@ -74,12 +64,12 @@ def ledger_case(root: Path, n: int, layout: str, repeats: int) -> dict:
         else:
             record(d, {f"s3://bucket/corpus/more-{i}.parquet": entry(i)})
 
-    commit = median_time(one_more, repeats)
+    commit = median_seconds(one_more, repeats, warmup=False)
     assert len(read_ledger(lance.dataset(uri))) == n + repeats
     return {
         "ledger": layout, "entries": n, "manifest_bytes": latest_manifest(uri),
-        "open_s": median_time(lambda: lance.dataset(uri), repeats),
-        "read_ledger_s": median_time(lambda: read_ledger(lance.dataset(uri)), repeats),
+        "open_s": median_seconds(lambda: lance.dataset(uri), repeats, warmup=False),
+        "read_ledger_s": median_seconds(lambda: read_ledger(lance.dataset(uri)), repeats, warmup=False),
         "record_one_s": commit, "record_all_s": write_all,
     }
 
@@ -110,10 +100,10 @@ def fragment_case(root: Path, rows: int, fragment_rows: int, repeats: int, seed:
     return {
         "fragment_rows": fragment_rows, "rows": rows, "fragments": len(ds.get_fragments()),
         "manifest_bytes": latest_manifest(uri), "write_s": write_s,
-        "open_s": median_time(lambda: lance.dataset(uri), repeats),
-        "count_rows_s": median_time(lambda: lance.dataset(uri).count_rows(), repeats),
-        "scan_emb_64_s": median_time(scan, max(1, repeats // 2)),
-        "take_1000_s": median_time(lambda: ds.take(picks, columns=["id", "emb_64"]), repeats),
+        "open_s": median_seconds(lambda: lance.dataset(uri), repeats, warmup=False),
+        "count_rows_s": median_seconds(lambda: lance.dataset(uri).count_rows(), repeats, warmup=False),
+        "scan_emb_64_s": median_seconds(scan, max(1, repeats // 2), warmup=False),
+        "take_1000_s": median_seconds(lambda: ds.take(picks, columns=["id", "emb_64"]), repeats, warmup=False),
     }
 
 

@@ -14,27 +14,15 @@ float16 matrix and scoring them. Seconds per call, median of ``--repeats``; how
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import faiss
 import hardware  # this directory's
 import numpy as np
 import torch
+from timing import median_seconds  # this directory's
 
 from mrl_core.funnel import take_rows
 from mrl_core.search import FAISS_BLAS_THRESHOLD, exact_search
-
-
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def numpy_top_k(q: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:

@@ -110,6 +110,7 @@ class Corpus:
         self._encoder = None
         self._matches: dict[str, Match] = {}
         self._selector_ok = True  # cleared when the index turns out to take no IDSelector (PQ fast-scan)
+        self._schedule: tuple[dict | None, FunnelSchedule | None] = (None, None)  # (manifest's, parsed)
         self.filter_scan_rows = FILTER_SCAN_ROWS
 
     @classmethod
@@ -165,17 +166,21 @@ class Corpus:
 
     @property
     def schedule(self) -> FunnelSchedule | None:
-        """The funnel schedule calibrated at index build (``funnel="auto"``)."""
-        return None if self.manifest is None else self.manifest.funnel_schedule()
+        """The funnel schedule calibrated at index build (``funnel="auto"``), parsed once per
+        manifest schedule rather than on every search."""
+        raw = None if self.manifest is None else self.manifest.schedule
+        if self._schedule[0] is not raw:
+            self._schedule = (raw, self.manifest.funnel_schedule())
+        return self._schedule[1]
 
     def schedule_for(self, funnel: str | FunnelSchedule | None) -> FunnelSchedule:
         """The schedule ``search`` runs for ``funnel`` (None or "auto", "paper", a schedule or its string)."""
         if funnel is None or funnel == "auto":
-            if self._calibrated() is None:
+            if self.schedule is None:
                 raise IndexNotFoundError(
                     "funnel='auto' needs an index with a calibrated schedule; run pipelines/index.py"
                 )
-            return self._calibrated()
+            return self.schedule
         if funnel == "paper":
             return paper_schedule(self.dims)
         if isinstance(funnel, str):
@@ -259,14 +264,6 @@ class Corpus:
                 )
             parts.append((start, scores, ids))
         return self._table(parts, columns)
-
-    def _calibrated(self) -> FunnelSchedule | None:
-        """``self.schedule``, parsed once per manifest schedule rather than on every search."""
-        raw = None if self.manifest is None else self.manifest.schedule
-        cached = getattr(self, "_calibrated_cache", None)
-        if cached is None or cached[0] is not raw:
-            cached = self._calibrated_cache = (raw, self.schedule)
-        return cached[1]
 
     def _exact_is_faster(self, queries: int) -> bool:
         """Whether ``funnel="auto"`` runs exact search for a call of ``queries`` queries: calibration
@@ -434,8 +431,8 @@ class Corpus:
         it covers that dim, else a flat scan. Matching rows are all returned when they are at most n,
         scanned exactly when few, else searched with the index restricted to their ids."""
         indexed = self.index is not None and self.manifest is not None and dim == self.manifest.dim
-        if indexed and nprobe is None and self._calibrated() is not None:  # an explicit schedule: calibrated probes
-            nprobe = self._calibrated().nprobe
+        if indexed and nprobe is None and self.schedule is not None:  # an explicit schedule: calibrated probes
+            nprobe = self.schedule.nprobe
         if match is None:
             return self.index.search(queries, n, nprobe)[1] if indexed else self._flat(dim, queries, n)[1]
         if len(match) <= n:  # every matching row is a candidate: the re-rank is exact over them

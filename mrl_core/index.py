@@ -369,7 +369,7 @@ def _search_speed(
     cal: Calibration, schedule: FunnelSchedule, trained: TrainedTier0 | None, gpu: bool | None
 ) -> dict[str, dict[str, float]]:
     """Seconds per query of ``schedule`` (over ``trained`` built on the calibration rows) and of
-    exact search, at batch 1 and a large batch; logged, with what ``funnel="auto"`` will run."""
+    exact search, at each of calibration's batch sizes; logged, with what ``funnel="auto"`` will run."""
     tier0 = None if trained is None else Tier0Index(sample_tier0(trained.index(), cal), gpu).tier0(schedule.nprobe)
     speed = cal.speed(schedule, tier0)
     methods = faster_methods(speed)

@@ -10,7 +10,7 @@ Recording entries (``record``) writes one new file, then makes one config commit
 
 * the manifest, which Lance rewrites in full with every version, stays small however many shards
   the dataset holds. One config key per shard made it grow by about 170 bytes per shard
-  (17 MB per version at 10^5 shards; docs/scale.md);
+  (17 MB per version at 10^5 shards; ``benchmarks/dataset_scale.py``);
 * a version's ledger never changes afterwards: reading an older version reads its ledger;
 * the commit order is unchanged: the data commit first, then the ledger's. A crash between the two
   leaves a shard without its entry, which the next run re-embeds and replaces (``ledger.py``).
@@ -68,11 +68,8 @@ def read_ledger(ds: lance.LanceDataset, storage_options: Mapping[str, str] | Non
     with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
         tables = list(pool.map(lambda name: _read_file(ds.uri, name, options), files))
     for table in tables:
-        for shard, entry in zip(table["shard"].to_pylist(), table["entry"].to_pylist()):
-            if entry is None:
-                out.pop(shard, None)
-            else:
-                out[shard] = json.loads(entry)
+        shards, entries = table["shard"].to_pylist(), table["entry"].to_pylist()
+        _apply(out, {s: None if e is None else json.loads(e) for s, e in zip(shards, entries)})
     return out
 
 
@@ -90,16 +87,21 @@ def record(ds: lance.LanceDataset, entries: Mapping[str, Mapping[str, Any] | Non
     legacy = [k for k in ds.config() if k.startswith(LEGACY_PREFIX)]
     if legacy or len(files) + 1 >= COMPACT_EVERY:
         whole = read_ledger(ds, options)
-        for shard, entry in entries.items():
-            if entry is None:
-                whole.pop(shard, None)
-            else:
-                whole[shard] = dict(entry)
+        _apply(whole, entries)
         files = [_write_file(ds, whole, options)]
     else:
         files = [*files, _write_file(ds, entries, options)]
     ds.update_config({LEDGER_KEY: json.dumps({"files": files}), **dict.fromkeys(legacy)})
     return ds
+
+
+def _apply(ledger: dict[str, Entry], entries: Mapping[str, Mapping[str, Any] | None]) -> None:
+    """Apply ``entries`` to ``ledger`` in place: an entry replaces the shard's, None removes it."""
+    for shard, entry in entries.items():
+        if entry is None:
+            ledger.pop(shard, None)
+        else:
+            ledger[shard] = dict(entry)
 
 
 def _write_file(ds: lance.LanceDataset, entries: Mapping[str, Mapping[str, Any] | None],

@@ -295,8 +295,7 @@ def rename_shards(ds: lance.LanceDataset, renames: Mapping[str, str]) -> int:
     for old, new in renames.items():
         rows += ds.update({"shard": sql_literal(new)}, where=f"shard = {sql_literal(old)}")["num_rows_updated"]
     moved = {old: new for old, new in renames.items() if old in ledger}
-    if moved:
-        record(ds, {**dict.fromkeys(moved), **{new: ledger[old] for old, new in moved.items()}})
+    _move_entries(ds, ledger, moved)
     return rows
 
 
@@ -312,9 +311,14 @@ def rebase_shards(ds: lance.LanceDataset, old_root: str, new_root: str) -> int:
         raise StorageError(f"cannot rebase {old_root} onto {new_root}: shards {taken[:3]} exist under both")
     expression = f"concat({sql_literal(new_root)}, substr(shard, {len(old_root) + 1}))"
     rows = ds.update({"shard": expression}, where=f"starts_with(shard, {sql_literal(old_root)})")["num_rows_updated"]
+    _move_entries(ds, ledger, moved)
+    return rows
+
+
+def _move_entries(ds: lance.LanceDataset, ledger: Mapping[str, Any], moved: Mapping[str, str]) -> None:
+    """Move the ledger entries of ``moved`` ({old URI: new URI}) to their new URIs in one commit."""
     if moved:
         record(ds, {**dict.fromkeys(moved), **{new: ledger[old] for old, new in moved.items()}})
-    return rows
 
 
 def delete_shards(ds: lance.LanceDataset, shards: Iterable[str]) -> int:

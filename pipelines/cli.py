@@ -55,7 +55,7 @@ def quiet_ray() -> None:
     in the Ray session directory. Call before ``ray.init``: Ray's notices come from it."""
     if _VERBOSE:
         return
-    import ray
+    import ray  # noqa: F401  (configures the "ray" logger on import: adjust it after)
 
     logging.getLogger("ray").setLevel(logging.ERROR)
     with warnings.catch_warnings():  # tqdm.auto's "IProgress not found" when Ray Data is imported in Jupyter
@@ -64,7 +64,6 @@ def quiet_ray() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ != "SessionFileHandler":  # the console, not the session log file
             handler.setLevel(logging.ERROR)
-    del ray
 
 
 def start_ray(**init_args: Any) -> None:
